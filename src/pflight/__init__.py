@@ -1,0 +1,10 @@
+"""pflight: personalized federated learning on PyTorch Lightning."""
+
+from pflight.client import ClientContext, ClientModule
+from pflight.federation import Federation
+from pflight.messages import Message
+from pflight.server import FedAvgServer, NoServer, Server
+
+__version__ = "0.1.0"
+
+__all__ = ["ClientContext", "ClientModule", "FedAvgServer", "Federation", "Message", "NoServer", "Server"]

@@ -1,0 +1,163 @@
+"""Baselines: Local-only, FedAvg (weighted or uniform), FedAvg + fine-tuning, FedProx."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+from typing_extensions import override
+
+from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.messages import Message
+from pflight.server import FedAvgServer, NoServer, Server
+
+
+def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu: float) -> Tensor:
+    """FedProx's ``(mu / 2) * ||theta - theta_anchor||^2`` summed over tensors.
+
+    >>> proximal_term({"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([0.0, 1.0])}, mu=0.5).item()
+    1.25
+    """
+    total = sum(((p - anchor[name]) ** 2).sum() for name, p in params.items())
+    return 0.5 * mu * total  # type: ignore[return-value]
+
+
+class LocalOnly(ClientModule):
+    """Each client trains its own model from the shared initialization and never communicates."""
+
+    @override
+    def configure_server(self) -> Server:
+        """No server."""
+        return NoServer()
+
+    @override
+    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+        """The client's own model (the shared initial weights the first time)."""
+        load_float_state(self.net, state["weights"] if state is not None else self.initial_state())
+
+    @override
+    def client_state(self) -> dict[str, Any]:
+        """Keep the local model."""
+        return {"weights": float_state(self.net)}
+
+    @override
+    def upload(self) -> Message | None:
+        """Nothing leaves the client."""
+        return None
+
+
+class FedAvg(ClientModule):
+    """FedAvg (McMahan et al. 2017): local SGD from the global model, server (weighted) mean.
+
+    Args:
+        weighted: weight clients by training-set size at the server (False: uniform mean).
+        server_optimizer: optional server optimizer on the pseudo-gradient (FedAvgM / FedOpt).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        weighted: bool = True,
+        server_optimizer: OptimizerCallable | None = None,
+    ) -> None:
+        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        self.weighted = weighted
+        self.server_optimizer = server_optimizer
+
+    @override
+    def configure_server(self) -> Server:
+        """The (weighted) mean of the clients' weights."""
+        return FedAvgServer(weighted=self.weighted, server_optimizer=self.server_optimizer)
+
+
+class FedAvgFT(FedAvg):
+    """FedAvg, then at evaluation each client fine-tunes the global model on its train split.
+
+    Args:
+        finetune_steps: local SGD steps at evaluation (0 with ``finetune_epochs`` 0 is plain FedAvg).
+        finetune_epochs: passes over the train split at evaluation (used when steps is 0).
+        finetune_lr: fine-tuning learning rate (None: the local ``lr``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        weighted: bool = True,
+        server_optimizer: OptimizerCallable | None = None,
+        finetune_steps: int = 10,
+        finetune_epochs: int = 0,
+        finetune_lr: float | None = None,
+    ) -> None:
+        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer)
+        if finetune_steps < 0 or finetune_epochs < 0:
+            raise ValueError(
+                f"`FedAvgFT(finetune_steps={finetune_steps}, finetune_epochs={finetune_epochs})` must be >= 0."
+            )
+        self.finetune_steps = finetune_steps
+        self.finetune_epochs = finetune_epochs
+        self.finetune_lr = finetune_lr
+
+    @override
+    def personalize(self) -> None:
+        """Fine-tune the received global model on the train split."""
+        self.fine_tune(steps=self.finetune_steps, epochs=self.finetune_epochs, lr=self.finetune_lr)
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): local CE plus ``(mu/2) ||theta - theta_global||^2``.
+
+    Args:
+        mu: proximal coefficient (0 is FedAvg).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        weighted: bool = True,
+        server_optimizer: OptimizerCallable | None = None,
+        mu: float = 0.01,
+    ) -> None:
+        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer)
+        if mu < 0:
+            raise ValueError(f"`FedProx(mu={mu})` must be >= 0.")
+        self.mu = mu
+        self._anchor: dict[str, Tensor] = {}
+
+    @override
+    def receive(self, message: Message | None) -> None:
+        """Load the global model and keep it as the proximal anchor."""
+        super().receive(message)
+        self._anchor = {n: p.detach().clone() for n, p in self.net.named_parameters()}
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """CE plus the proximal term."""
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.mu > 0:
+            loss = loss + proximal_term(dict(self.net.named_parameters()), self._anchor, self.mu).to(loss.dtype)
+        return loss
+
+
+__all__ = ["FedAvg", "FedAvgFT", "FedProx", "LocalOnly", "proximal_term"]

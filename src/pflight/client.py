@@ -1,0 +1,249 @@
+"""The client base class: a LightningModule whose ``training_step`` is a federated algorithm.
+
+One client module serves every simulated client in turn: before client ``k`` trains or is
+evaluated, the federation sets :attr:`ClientModule.context`, hands it the server's message
+(:meth:`~ClientModule.receive`) and its persistent state (:meth:`~ClientModule.load_client_state`).
+After training it stores :meth:`~ClientModule.client_state` and sends :meth:`~ClientModule.upload`.
+Hooks do nothing (or the FedAvg thing) until overridden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+from typing_extensions import override
+
+from pflight.data.datamodule import ClientData
+from pflight.messages import Message
+from pflight.server import FedAvgServer, Server
+
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+
+
+def float_state(module: nn.Module) -> dict[str, Tensor]:
+    """Detached clones of every floating-point state entry (parameters and float buffers).
+
+    >>> sorted(float_state(nn.BatchNorm1d(2)))
+    ['bias', 'running_mean', 'running_var', 'weight']
+    """
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+@torch.no_grad()
+def load_float_state(module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy ``state`` into the module's tensors in place (so optimizers keep pointing at them)."""
+    own = module.state_dict(keep_vars=True)
+    for name, value in state.items():
+        if name not in own:
+            raise KeyError(
+                f"state entry {name!r} does not exist in {type(module).__name__}: the message or"
+                " checkpoint was made for another architecture."
+            )
+        own[name].copy_(value)
+
+
+@dataclass
+class ClientContext:
+    """Who the client module is serving right now.
+
+    Attributes:
+        client_id: the simulated client.
+        round_idx: the current round (0-based).
+        data: the client's own splits.
+        batch_size: the local minibatch size.
+        generator: seeded by (seed, round, client): batch order and any local randomness.
+        stage: ``train``, ``val`` or ``test``.
+        new_client: True for clients held out of training.
+        device: where the client computes.
+        public: the data module's public pool ``(x, y)`` (None without ``public_fraction``); only
+            algorithms with a public data set (FedMD) read it.
+    """
+
+    client_id: int
+    round_idx: int
+    data: ClientData
+    batch_size: int
+    generator: torch.Generator
+    stage: str = "train"
+    new_client: bool = False
+    device: torch.device = torch.device("cpu")
+    public: tuple[Tensor, Tensor] | None = None
+
+    def batches(
+        self, split: str = "train", epochs: int = 1, steps: int | None = None, shuffle: bool = True
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Minibatches of the client's ``split``, on the client's device."""
+        gen = self.generator if shuffle else None
+        for x, y in self.data.batches(split, self.batch_size, gen, epochs=epochs, steps=steps):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def full(self, split: str) -> tuple[Tensor, Tensor]:
+        """The whole ``split`` as one batch, on the client's device."""
+        x, y = self.data.split(split)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class ClientModule(pl.LightningModule):
+    """Base class of federated clients; as is, it is a FedAvg client (CE, upload weights).
+
+    Local training, run by the federation for each sampled client::
+
+        receive(server message); load_client_state(store[k]); on_local_train_start()
+        for batch_idx, batch in local batches (local_epochs passes, or local_steps batches):
+            loss = training_step(batch, batch_idx)        # the algorithm
+            manual_backward(loss); optimizer_step(opt)    # Lightning precision and devices
+            on_local_step_end()
+        on_local_train_end(); store[k] = client_state(); upload()
+
+    Evaluation: ``receive``, ``load_client_state``, :meth:`personalize` (train split only), then
+    :meth:`evaluate` on the val or test split.
+
+    Args:
+        net: the target network.
+        lr: local learning rate (SGD).
+        momentum: local SGD momentum (the optimizer is fresh each round).
+        weight_decay: local weight decay.
+        local_epochs: passes over the local training split per round.
+        local_steps: if set, exactly this many local batches per round (overrides local_epochs).
+        optimizer: a local optimizer other than SGD, e.g. ``torch.optim.Adam`` with its arguments.
+    """
+
+    batches_per_step: int = 1  # e.g. 3 for Per-FedAvg's independent batches D, D', D''
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"`{type(self).__name__}(lr={lr})` must be > 0.")
+        if local_epochs < 1:
+            raise ValueError(f"`{type(self).__name__}(local_epochs={local_epochs})` must be >= 1.")
+        if local_steps is not None and local_steps < 1:
+            raise ValueError(f"`{type(self).__name__}(local_steps={local_steps})` must be >= 1 or None.")
+        self.net = net
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.local_epochs = local_epochs
+        self.local_steps = local_steps
+        self.optimizer_factory = optimizer
+        self.context: ClientContext | None = None
+        self._initial: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ setup
+    def configure_server(self) -> Server:
+        """Called when the federation is given no server: this algorithm's default server rule."""
+        return FedAvgServer()
+
+    def capture_initial_state(self) -> None:
+        """Called once by the federation: remember the initial weights (shared by all clients)."""
+        self._initial = float_state(self.net)
+
+    def initial_state(self) -> dict[str, Tensor]:
+        """The weights every client starts from."""
+        if not self._initial:
+            self.capture_initial_state()
+        return self._initial
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The local optimizer over the network's parameters (fresh state each round)."""
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(self.net.parameters())
+        return torch.optim.SGD(
+            self.net.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+    # ------------------------------------------------------------------ round hooks
+    def receive(self, message: Message | None) -> None:
+        """Called before local training or evaluation with the server's message (None: nothing)."""
+        if message is not None and message.kind == "weights":
+            load_float_state(self.net, message.tensors)
+
+    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+        """Called after :meth:`receive` with the client's persistent state (None the first time)."""
+
+    def on_local_train_start(self) -> None:
+        """Called when a client's local training starts (after receive and load_client_state)."""
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | dict[str, Tensor]:
+        """One local step: return the loss to minimize (or a dict with ``loss``)."""
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def optimizer_step(self, optimizer: Any) -> None:  # type: ignore[override]
+        """Called after the loss's backward: step and zero the local optimizer."""
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def on_local_step_end(self) -> None:
+        """Called after each local optimizer step."""
+
+    def on_local_train_end(self) -> None:
+        """Called when a client's local training ends, before client_state and upload."""
+
+    def client_state(self) -> dict[str, Any] | None:
+        """Called after local training: what this client keeps between rounds (None: nothing)."""
+        return None
+
+    def upload(self) -> Message | None:
+        """Called after local training: the message to the server (None: nothing)."""
+        assert self.context is not None
+        return Message("weights", float_state(self.net), n_samples=self.context.data.num_samples("train"))
+
+    # ------------------------------------------------------------------ evaluation
+    def personalize(self) -> None:
+        """Called at evaluation before :meth:`evaluate`: adapt on the train split only."""
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the current (personalized) model."""
+        return self.net(x)
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> tuple[int, int, float]:
+        """Correct predictions, sample count and summed CE loss on the client's ``split``."""
+        assert self.context is not None
+        was_training = self.training
+        self.eval()
+        correct, total, loss = 0, 0, 0.0
+        data = self.context.data
+        x_all, y_all = data.split(split)
+        for start in range(0, len(y_all), 1024):
+            x = x_all[start : start + 1024].to(self.context.device, non_blocking=True)
+            y = y_all[start : start + 1024].to(self.context.device, non_blocking=True)
+            logits = self(x).float()
+            correct += int((logits.argmax(-1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            total += len(y)
+        self.train(was_training)
+        return correct, total, loss
+
+    def fine_tune(self, steps: int = 0, epochs: int = 0, lr: float | None = None) -> None:
+        """SGD on the train split (``steps`` batches, or ``epochs`` passes) in float32 train mode."""
+        assert self.context is not None
+        if steps <= 0 and epochs <= 0:
+            return
+        opt = torch.optim.SGD(self.net.parameters(), lr=lr if lr is not None else self.lr)
+        was_training = self.training
+        self.net.train()
+        with torch.enable_grad():
+            for x, y in self.context.batches("train", epochs=max(epochs, 1), steps=steps if steps > 0 else None):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(self.net(x).float(), y).backward()
+                opt.step()
+        self.net.train(was_training)

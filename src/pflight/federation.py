@@ -1,0 +1,429 @@
+"""The federation: one LightningModule, one Trainer, one training epoch per communication round."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from pflight.client import ClientContext, ClientModule
+from pflight.data.datamodule import FederatedDataModule, stream_seed
+from pflight.messages import Message
+from pflight.metrics import PersonalizedAccuracy
+from pflight.server import Server
+from pflight.store import ClientStateStore
+
+CHECKPOINT_KEY = "pflight"
+
+# stream purposes: independent generators per (seed, round, client, purpose)
+_TRAIN, _EVAL, _SAMPLE = 0, 1, 2
+
+
+class Federation(pl.LightningModule):
+    """A personalized federation run by one Lightning Trainer.
+
+    Each training epoch is one round, so ``trainer.max_epochs`` is the number of rounds::
+
+        training_step(ids of the clients that may train):
+            sampled = sample(ids, round)                       # seeded by (seed, round)
+            for k in sampled:
+                client.receive(server.message_for(k)); client.load_client_state(store[k])
+                for batch in k's local batches:                # seeded by (seed, round, k)
+                    loss = client.training_step(batch)        # the algorithm
+                    manual_backward(loss); client.optimizer_step(opt); client.on_local_step_end()
+                store[k] = client.client_state(); uploads[k] = client.upload()
+            server.update(uploads)
+        validation_step(all client ids):                       # every `eval_every` rounds
+            per client: personalize on its train split, evaluate on val (test for `pflight test`)
+
+    The Trainer contributes devices and precision (autocast around the steps, loss scaling in
+    ``manual_backward``), callbacks, loggers, checkpointing and the CLI.
+
+    Args:
+        client: the algorithm (a :class:`~pflight.client.ClientModule` with its network).
+        server: the server rule; None takes the client's default (``client.configure_server()``).
+        clients_per_round: how many clients train each round (None: see ``client_fraction``).
+        client_fraction: share of the training clients sampled each round (None with
+            ``clients_per_round`` None: all of them).
+        eval_every: evaluate every this many rounds (sets the Trainer's ``check_val_every_n_epoch``).
+        store_device: where per-client state lives between rounds (``cpu`` keeps the accelerator's
+            memory independent of the number of clients).
+    """
+
+    def __init__(
+        self,
+        client: ClientModule,
+        server: Server | None = None,
+        clients_per_round: int | None = None,
+        client_fraction: float | None = None,
+        eval_every: int = 1,
+        store_device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        if not isinstance(client, ClientModule):
+            raise TypeError(
+                f"`Federation(client={type(client).__name__})` is not a `pflight.client.ClientModule`:"
+                " pass an algorithm such as `pflight.algorithms.FedAvg`."
+            )
+        if clients_per_round is not None and client_fraction is not None:
+            raise ValueError(
+                f"`Federation(clients_per_round={clients_per_round}, client_fraction={client_fraction})`:"
+                " set one of them, not both."
+            )
+        if clients_per_round is not None and clients_per_round <= 0:
+            raise ValueError(
+                f"`Federation(clients_per_round={clients_per_round})` must be >= 1 (None: all clients)."
+            )
+        if client_fraction is not None and not 0.0 < client_fraction <= 1.0:
+            raise ValueError(f"`Federation(client_fraction={client_fraction})` must be in (0, 1].")
+        if eval_every < 1:
+            raise ValueError(f"`Federation(eval_every={eval_every})` must be >= 1.")
+        self.automatic_optimization = False
+        self.client = client
+        self.server = server if server is not None else client.configure_server()
+        self.clients_per_round = clients_per_round
+        self.client_fraction = client_fraction
+        self.eval_every = eval_every
+        self.store = ClientStateStore(store_device, pin_memory=True)
+        self.history: list[dict[str, Any]] = []
+        self.last_evaluation: dict[str, dict[int, float]] = {}
+        self.last_round_metrics: dict[int, dict[str, float]] = {}
+        self._ready = False
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def data(self) -> FederatedDataModule:
+        """The federated data module attached to the Trainer."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if not isinstance(dm, FederatedDataModule):
+            raise TypeError(
+                "`Federation` needs a `pflight.data.FederatedDataModule` as the Trainer's datamodule,"
+                f" got {type(dm).__name__}: call `trainer.fit(federation, datamodule=FederatedDataModule(...))`."
+            )
+        return dm
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Called on every process before the first round: check the config, initialize the server."""
+        dm = self.data
+        dm.setup(stage)
+        self.round_size(len(dm.train_clients))  # validates clients_per_round now, not mid-run
+        self._check_output_size(dm)
+        if self.trainer.check_val_every_n_epoch != self.eval_every and stage == "fit":
+            self.trainer.check_val_every_n_epoch = self.eval_every
+        if not self._ready:
+            self.client.capture_initial_state()
+            self.server.setup(self)
+            self._ready = True
+
+    def _check_output_size(self, dm: FederatedDataModule) -> None:
+        x = dm.client_data(dm.train_clients[0]).train[0][:2]
+        was_training = self.client.training
+        self.client.eval()
+        with torch.no_grad():
+            try:
+                out = self.client(x)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the model `{type(self.client.net).__name__}` cannot take the data set's inputs of"
+                    f" shape {tuple(dm.input_shape)}: set the model's `input_shape` to {list(dm.input_shape)}."
+                    f" Original error: {err}"
+                ) from err
+        self.client.train(was_training)
+        if out.dim() != 2 or out.shape[-1] != dm.num_classes:
+            raise ValueError(
+                f"the model `{type(self.client.net).__name__}` outputs {out.shape[-1]} logits but the data set"
+                f" `{dm.source.name}` has {dm.num_classes} classes: set the model's"
+                f" `num_classes: {dm.num_classes}`."
+            )
+
+    def round_size(self, num_candidates: int) -> int:
+        """How many clients are sampled from ``num_candidates`` each round."""
+        if self.clients_per_round is not None:
+            if self.clients_per_round > num_candidates:
+                raise ValueError(
+                    f"`Federation(clients_per_round={self.clients_per_round})` is more than the"
+                    f" {num_candidates} training clients: use at most {num_candidates}, or more"
+                    " `--data.num_clients`."
+                )
+            return self.clients_per_round
+        if self.client_fraction is not None:
+            return max(1, int(round(self.client_fraction * num_candidates)))
+        return num_candidates
+
+    def sample_clients(self, candidates: list[int], round_idx: int) -> list[int]:
+        """The clients of round ``round_idx``: the same on every process, seeded by (seed, round)."""
+        m = self.round_size(len(candidates))
+        if m == len(candidates):
+            return list(candidates)
+        g = torch.Generator().manual_seed(stream_seed(self.data.seed, round_idx, 2**31 - 1, _SAMPLE))
+        pick = torch.randperm(len(candidates), generator=g)[:m]
+        return sorted(candidates[int(i)] for i in pick)
+
+    def shard(self, client_ids: list[int]) -> list[int]:
+        """This process's share of ``client_ids`` (all of them in a single process)."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return client_ids[rank::world] if world > 1 else client_ids
+
+    def context(self, client_id: int, round_idx: int, stage: str, purpose: int) -> ClientContext:
+        """The context the client module serves ``client_id`` in."""
+        dm = self.data
+        return ClientContext(
+            client_id=client_id,
+            round_idx=round_idx,
+            data=dm.client_data(client_id),
+            batch_size=dm.batch_size,
+            generator=dm.generator(round_idx, client_id, purpose),
+            stage=stage,
+            new_client=client_id in dm.new_clients,
+            device=self.device,
+            public=dm.public,
+        )
+
+    def _seeded(self, round_idx: int, client_id: int, purpose: int) -> Any:
+        """Fork the global RNGs and seed them per (seed, round, client): dropout and the like."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        fork = torch.random.fork_rng(devices=devices)
+        fork.__enter__()
+        torch.manual_seed(stream_seed(self.data.seed, round_idx, client_id, purpose + 100))
+        return fork
+
+    # ------------------------------------------------------------------ training
+    @override
+    def configure_optimizers(self) -> Any:
+        """The client's local optimizer(s): Lightning wraps them for precision and devices."""
+        return self.client.configure_optimizers()
+
+    def _local_batches(self, ctx: ClientContext) -> Iterator[Any]:
+        client = self.client
+        n = client.batches_per_step
+        if n == 1:
+            yield from ctx.batches("train", epochs=client.local_epochs, steps=client.local_steps)
+            return
+        steps = client.local_steps
+        if steps is None:
+            per_epoch = math.ceil(ctx.data.num_samples("train") / ctx.batch_size)
+            steps = max(1, math.ceil(per_epoch * client.local_epochs / n))
+        stream = ctx.batches("train", steps=steps * n)
+        while True:
+            group = tuple(b for _, b in zip(range(n), stream, strict=False))
+            if len(group) < n:
+                return
+            yield group
+
+    def _reset_optimizers(self) -> Any:
+        opts = self.optimizers()
+        for opt in opts if isinstance(opts, list) else [opts]:
+            opt.optimizer.state.clear()
+        return opts
+
+    def train_client(self, client_id: int, round_idx: int) -> tuple[Message | None, Tensor | None]:
+        """Run client ``client_id``'s local training of round ``round_idx``; return (upload, mean loss)."""
+        client = self.client
+        ctx = self.context(client_id, round_idx, "train", _TRAIN)
+        client.context = ctx
+        client.receive(self.server.message_for(client_id))
+        client.load_client_state(self.store.get(client_id, self.device))
+        client.zero_grad(set_to_none=True)
+        opts = self._reset_optimizers()
+        fork = self._seeded(round_idx, client_id, _TRAIN)
+        try:
+            client.on_local_train_start()
+            total: Tensor | None = None
+            steps = 0
+            for batch_idx, batch in enumerate(self._local_batches(ctx)):
+                out = client.training_step(batch, batch_idx)
+                loss = out["loss"] if isinstance(out, dict) else out
+                self.manual_backward(loss)
+                client.optimizer_step(opts)
+                client.on_local_step_end()
+                total = loss.detach().float() if total is None else total + loss.detach().float()
+                steps += 1
+            client.on_local_train_end()
+        finally:
+            fork.__exit__(None, None, None)
+        mean_loss = total / steps if total is not None else None
+        if mean_loss is not None and not bool(torch.isfinite(mean_loss)):
+            raise FloatingPointError(
+                f"client {client_id} produced a non-finite training loss ({float(mean_loss)}) in round"
+                f" {round_idx}: lower the learning rate (`--model.client.init_args.lr`) or use float32"
+                " precision. The last good checkpoint is kept; resume from it with `--ckpt_path last`."
+            )
+        self.store.put(client_id, client.client_state())
+        return client.upload(), mean_loss
+
+    @override
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """One communication round over this process's share of the sampled clients."""
+        round_idx = self.current_epoch
+        start = time.perf_counter()
+        sampled = self.sample_clients([int(k) for k in batch.tolist()], round_idx)
+        uploads: dict[int, Message] = {}
+        losses: list[Tensor] = []
+        for k in self.shard(sampled):
+            upload, loss = self.train_client(k, round_idx)
+            if upload is not None:
+                uploads[k] = upload
+            if loss is not None:
+                losses.append(loss)
+        uploads = self.gather_uploads(uploads)
+        self.server.update(uploads, round_idx)
+        elapsed = time.perf_counter() - start
+        self.last_round_metrics = {k: dict(m.metrics) for k, m in uploads.items() if m.metrics}
+        for name in sorted({n for m in self.last_round_metrics.values() for n in m}):
+            values = [m[name] for m in self.last_round_metrics.values() if name in m]
+            self.log(f"train/{name}", sum(values) / len(values), on_epoch=True, on_step=False, batch_size=1)
+        if losses:
+            self.log("train/loss", torch.stack(losses).mean(), on_epoch=True, on_step=False, batch_size=1)
+        self.log("train/round_time_s", elapsed, on_epoch=True, on_step=False, batch_size=1)
+        self.log("train/clients_per_s", len(sampled) / max(elapsed, 1e-9), on_epoch=True, on_step=False, batch_size=1)
+        self.log("round", float(round_idx + 1), on_epoch=True, on_step=False, batch_size=1)
+
+    def gather_uploads(self, uploads: dict[int, Message]) -> dict[int, Message]:
+        """Collect every process's uploads (identity in a single process)."""
+        if self.trainer.world_size == 1:
+            return uploads
+        gathered: list[dict[int, Message]] = [{} for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, {k: m.to("cpu") for k, m in uploads.items()})
+        merged: dict[int, Message] = {}
+        for part in gathered:
+            merged.update({k: m.to(self.device) for k, m in part.items()})
+        return dict(sorted(merged.items()))
+
+    # ------------------------------------------------------------------ evaluation
+    @override
+    def on_validation_model_eval(self) -> None:
+        """Evaluation adapts models with gradients: refuse inference mode up front."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "personalized evaluation takes gradient steps, which inference mode forbids: run the"
+                " Trainer with `inference_mode=False` (`--trainer.inference_mode false`)."
+            )
+        super().on_validation_model_eval()
+
+    @override
+    def on_test_model_eval(self) -> None:
+        """Same check as validation."""
+        self.on_validation_model_eval()
+
+    @override
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Personalized evaluation of every client on its validation split."""
+        self.evaluate_clients([int(k) for k in batch.tolist()], "val")
+
+    @override
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Personalized evaluation of every client on its test split."""
+        self.evaluate_clients([int(k) for k in batch.tolist()], "test")
+
+    def evaluate_clients(self, client_ids: list[int], stage: str) -> dict[str, float]:
+        """Personalize and evaluate ``client_ids`` on split ``stage``; log and return the summary."""
+        dm = self.data
+        round_idx = self.current_epoch
+        seen = PersonalizedAccuracy(dm.num_clients)
+        new = PersonalizedAccuracy(dm.num_clients)
+        glob = PersonalizedAccuracy(dm.num_clients)
+        loss_sum, loss_n = 0.0, 0
+        client = self.client
+        for k in self.shard(client_ids):
+            ctx = self.context(k, round_idx, stage, _EVAL)
+            client.context = ctx
+            global_message = self.server.global_message()
+            if global_message is not None and not ctx.new_client:
+                client.receive(global_message)
+                c, t, _ = client.evaluate(stage)
+                glob.update(k, c, t)
+            client.receive(self.server.message_for(k))
+            client.load_client_state(None if ctx.new_client else self.store.get(k, self.device))
+            fork = self._seeded(round_idx, k, _EVAL)
+            try:
+                with torch.enable_grad():
+                    client.personalize()
+            finally:
+                fork.__exit__(None, None, None)
+            c, t, loss = client.evaluate(stage)
+            (new if ctx.new_client else seen).update(k, c, t)
+            if not ctx.new_client:
+                loss_sum, loss_n = loss_sum + loss, loss_n + t
+        for metric in (seen, new, glob):
+            metric.to(self.device)
+            if self.trainer.world_size > 1:
+                metric.sync()
+        summary = seen.compute()
+        out = {
+            f"{stage}/personalized_acc": summary["mean"],
+            f"{stage}/personalized_acc_weighted": summary["weighted"],
+            f"{stage}/personalized_acc_std": summary["std"],
+            f"{stage}/personalized_acc_worst10": summary["worst10"],
+        }
+        if loss_n:
+            out[f"{stage}/personalized_loss"] = loss_sum / loss_n
+        if bool(glob.total.sum() > 0):
+            g = glob.compute()
+            out[f"{stage}/global_acc"] = g["mean"]
+            out[f"{stage}/global_acc_weighted"] = g["weighted"]
+        if bool(new.total.sum() > 0):
+            n = new.compute()
+            out[f"{stage}/new_clients_acc"] = n["mean"]
+            out[f"{stage}/new_clients_acc_weighted"] = n["weighted"]
+        for name, value in out.items():
+            self.log(name, value, on_epoch=True, on_step=False, batch_size=1)
+        self.last_evaluation = {
+            "personalized": seen.per_client(),
+            "new": new.per_client(),
+            "global": glob.per_client(),
+        }
+        self.history.append({"round": round_idx + 1, "stage": stage, **out})
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed into this federation."""
+        dm = self.data
+        return {
+            "client": f"{type(self.client).__module__}.{type(self.client).__qualname__}",
+            "server": f"{type(self.server).__module__}.{type(self.server).__qualname__}",
+            "shapes": {k: tuple(v.shape) for k, v in self.client.initial_state().items()},
+            "num_clients": dm.num_clients,
+            "data": dm.fingerprint,
+        }
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the server, every client's persistent state and the evaluation history."""
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": 1,
+            "fingerprint": self.fingerprint(),
+            "server": self.server.state_dict(),
+            "store": self.store.state_dict(),
+            "history": list(self.history),
+            "initial_state": self.client.initial_state(),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another configuration, then restore the federation's state."""
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise ValueError(
+                "the checkpoint holds no federation state (it was not written by pflight): pass a"
+                " checkpoint saved by `pflight fit`, or drop `--ckpt_path`."
+            )
+        mine, theirs = self.fingerprint(), state["fingerprint"]
+        diff = {k: (theirs.get(k), mine[k]) for k in mine if theirs.get(k) != mine[k]}
+        if diff:
+            lines = "; ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"the checkpoint was made with another configuration ({lines}): resume with the"
+                " config that produced it, or start a new run without `--ckpt_path`."
+            )
+        self.client._initial = {k: v.clone() for k, v in state["initial_state"].items()}
+        self.server.load_state_dict(state["server"])
+        self.store.load_state_dict(state["store"])
+        self.history = list(state["history"])

@@ -1,0 +1,197 @@
+"""What the server does between rounds: aggregate uploads and compose each client's next message.
+
+The math is in pure functions (``weighted_average``, ``aggregation_weights``); :class:`Server` classes
+hold the server state and call them. A server answers :meth:`Server.message_for` per client, so
+algorithms that personalize on the server side (FEDORA) send each client its own model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from pflight.messages import Message
+
+if TYPE_CHECKING:
+    from pflight.federation import Federation
+
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+
+
+def aggregation_weights(n_samples: Sequence[int], weighted: bool = True) -> Tensor:
+    """Normalized client weights: ``n_k / sum(n)`` when ``weighted``, else uniform.
+
+    >>> aggregation_weights([10, 30]).tolist()
+    [0.25, 0.75]
+    >>> aggregation_weights([10, 30], weighted=False).tolist()
+    [0.5, 0.5]
+    """
+    if len(n_samples) == 0:
+        raise ValueError("`aggregation_weights` needs at least one client.")
+    n = torch.as_tensor(list(n_samples), dtype=torch.float64)
+    if not weighted or float(n.sum()) == 0.0:
+        n = torch.ones_like(n)
+    return n / n.sum()
+
+
+def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | Tensor) -> dict[str, Tensor]:
+    """``sum_k w_k * state_k`` entry by entry (weights are used as given: normalize them first).
+
+    Accumulates in float64 and returns each entry in its own dtype.
+
+    >>> a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
+    >>> weighted_average([a, b], [0.25, 0.75])["w"].tolist()
+    [2.5, 5.0]
+    """
+    if len(states) == 0:
+        raise ValueError("`weighted_average` needs at least one state.")
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    out = {}
+    for name, ref in states[0].items():
+        stacked = torch.stack([s[name].to(torch.float64) for s in states])  # (clients, ...)
+        mixed = torch.tensordot(w.to(stacked.device), stacked, dims=1)
+        out[name] = mixed.to(ref.dtype)
+    return out
+
+
+class Server:
+    """Base class of server rules. Hooks do nothing until overridden.
+
+    Lifecycle: :meth:`setup` once, then each round :meth:`message_for` per sampled client and
+    :meth:`update` with the uploads of the clients that reported. :meth:`global_message` gives the
+    single global model when one exists (for ``global_acc``); personalized servers return ``None``.
+    """
+
+    def setup(self, federation: Federation) -> None:
+        """Called once before the first round, after the client's initial weights are known."""
+
+    def message_for(self, client_id: int) -> Message | None:
+        """Called before client ``client_id`` trains or is evaluated: its message, or None."""
+        return None
+
+    def global_message(self) -> Message | None:
+        """Called at evaluation: the global model, or None when the algorithm has none."""
+        return None
+
+    def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
+        """Called at the end of a round with ``client_id -> upload`` of the clients that reported."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server state (checkpointed with the federation)."""
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Called on resume with what :meth:`state_dict` returned."""
+
+
+class NoServer(Server):
+    """No server at all: Local-only training."""
+
+
+class FedAvgServer(Server):
+    """FedAvg's server: a (weighted) mean of the uploads, optionally through a server optimizer.
+
+    Uploads of kind ``weights`` are averaged; ``delta`` uploads (new minus received) are averaged and
+    added; ``gradient`` uploads are averaged and fed to the server optimizer. Without a server
+    optimizer the new global model is the mean itself; with one (e.g. SGD with momentum, Adam) the
+    pseudo-gradient ``global - mean(weights)`` (or ``-mean(delta)``, or ``mean(gradient)``) is
+    given to it, as in FedOpt, Reptile, FedMeta and Personalized FedAvg.
+
+    Every floating-point state entry is averaged (BatchNorm running statistics included); integer
+    entries (``num_batches_tracked``) are not sent by clients.
+
+    Args:
+        weighted: weight clients by their number of training samples (else uniform).
+        server_optimizer: optimizer over the global tensors, e.g. ``torch.optim.SGD`` with lr 1
+            and momentum 0.9. None replaces the global model by the average.
+    """
+
+    def __init__(self, weighted: bool = True, server_optimizer: OptimizerCallable | None = None) -> None:
+        self.weighted = weighted
+        self.server_optimizer = server_optimizer
+        self.global_state: dict[str, Tensor] = {}
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def setup(self, federation: Federation) -> None:
+        """Called once: the global model starts from the client's initial weights."""
+        self.global_state = {k: v.detach().clone() for k, v in federation.client.initial_state().items()}
+        self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
+        if self.server_optimizer is None:
+            return
+        self._params = {
+            k: torch.nn.Parameter(v, requires_grad=True) for k, v in self.global_state.items() if v.is_floating_point()
+        }
+        self._optimizer = self.server_optimizer(list(self._params.values()))
+
+    def message_for(self, client_id: int) -> Message | None:
+        """Called per client: the global model."""
+        return self.global_message()
+
+    def global_message(self) -> Message | None:
+        """Called at evaluation: the global model."""
+        return Message("weights", self.global_state)
+
+    def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
+        """Called at round end: average and apply."""
+        if not uploads:
+            return
+        msgs = list(uploads.values())
+        kinds = {m.kind for m in msgs}
+        if len(kinds) != 1 or not kinds <= {"weights", "delta", "gradient"}:
+            raise ValueError(f"`FedAvgServer` aggregates weights, delta or gradient uploads, got kinds {kinds}.")
+        kind = kinds.pop()
+        w = aggregation_weights([m.n_samples for m in msgs], self.weighted)
+        mean = weighted_average([m.tensors for m in msgs], w)
+        self.apply(mean, kind)
+
+    def apply(self, mean: Mapping[str, Tensor], kind: str) -> None:
+        """Move the global model given the averaged upload ``mean`` of ``kind``."""
+        if self._optimizer is None:
+            for name, value in mean.items():
+                if kind == "weights":
+                    self.global_state[name] = value.to(self.global_state[name].device).clone()
+                elif kind == "delta":
+                    self.global_state[name] = self.global_state[name] + value.to(self.global_state[name].device)
+                else:
+                    raise ValueError(
+                        "`FedAvgServer` got gradient uploads but has no `server_optimizer`: set one"
+                        " (e.g. `torch.optim.Adam`)."
+                    )
+            return
+        with torch.no_grad():
+            for name, p in self._params.items():
+                value = mean[name].to(p.device, p.dtype)
+                if kind == "weights":
+                    p.grad = p.detach() - value
+                elif kind == "delta":
+                    p.grad = -value
+                else:
+                    p.grad = value.clone()
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        for name, p in self._params.items():
+            self.global_state[name] = p.data
+        for name, value in mean.items():  # entries the optimizer does not own are replaced
+            if name not in self._params and kind == "weights":
+                self.global_state[name] = value.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global model and the server optimizer's state."""
+        return {
+            "global_state": {k: v.detach().clone() for k, v in self.global_state.items()},
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Called on resume."""
+        device = next(iter(self.global_state.values())).device if self.global_state else "cpu"
+        self.global_state = {k: v.to(device) for k, v in state_dict["global_state"].items()}
+        self._build_optimizer()
+        if self._optimizer is not None and state_dict.get("optimizer") is not None:
+            self._optimizer.load_state_dict(state_dict["optimizer"])
