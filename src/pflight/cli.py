@@ -115,17 +115,13 @@ class PflightCLI(LightningCLI):
             )
         check_checkpoint(ckpt_path)
 
-    def before_fit(self) -> None:
-        """Check the checkpoint to resume from before anything is written."""
-        self._check_ckpt()
-
-    def before_validate(self) -> None:
-        """Check the checkpoint to evaluate."""
-        self._check_ckpt()
-
-    def before_test(self) -> None:
-        """Check the checkpoint to test."""
-        self._check_ckpt()
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint (readable, written by pflight) before Lightning reads its hyperparameters."""
+        if self.config.get("subcommand"):
+            self.subcommand = self.config["subcommand"]
+            self._check_ckpt()
+        super()._parse_ckpt_path()
 
 
 def main(args: list[str] | None = None) -> None:

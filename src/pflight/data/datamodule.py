@@ -1,0 +1,299 @@
+"""The federated data module: per-client train/val/test splits, held-out new clients, a public pool.
+
+Clients' data never leave their :class:`ClientData`; the federation asks for batches of one client
+at a time, in an order seeded by ``(seed, round, client)`` so that results do not depend on how many
+processes run the clients, nor in which order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pflight.data.datasets import DataSource, Digits, resolve_source
+from pflight.data.partitioners import DirichletPartitioner, Partitioner
+
+SPLITS = ("train", "val", "test")
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers, stable across processes and Python versions.
+
+    >>> stream_seed(0, 1, 2) == stream_seed(0, 1, 2), stream_seed(0, 1, 2) == stream_seed(0, 2, 1)
+    (True, False)
+    """
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass
+class ClientData:
+    """One client's splits, each an ``(x, y)`` pair of tensors."""
+
+    client_id: int
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """The ``(x, y)`` tensors of split ``name`` (train, val or test)."""
+        if name not in SPLITS:
+            raise ValueError(f"`split={name!r}` is not a client split: use one of {SPLITS}.")
+        return getattr(self, name)
+
+    def num_samples(self, name: str = "train") -> int:
+        """The number of samples in split ``name``."""
+        return len(self.split(name)[1])
+
+    def batches(
+        self,
+        name: str,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        epochs: int = 1,
+        steps: int | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield minibatches of split ``name``: ``epochs`` passes, or exactly ``steps`` batches.
+
+        Shuffled with ``generator`` when given (a fresh permutation per pass), else in order.
+        """
+        x, y = self.split(name)
+        n = len(y)
+        if n == 0:
+            return
+        size = min(batch_size, n)
+        done = 0
+        passes = 0
+        while True:
+            if steps is None and passes >= epochs:
+                return
+            order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+            stop = n - (n % size) if drop_last else n
+            for start in range(0, stop, size):
+                if steps is not None and done >= steps:
+                    return
+                idx = order[start : start + size]
+                yield x[idx], y[idx]
+                done += 1
+            passes += 1
+
+    def to(self, device: torch.device | str) -> ClientData:
+        """A copy with every tensor on ``device``."""
+
+        def move(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            return pair[0].to(device, non_blocking=True), pair[1].to(device, non_blocking=True)
+
+        return ClientData(self.client_id, move(self.train), move(self.val), move(self.test))
+
+
+class _Once(Dataset):
+    """A one-item data set: the federation's loaders yield the client ids once per epoch."""
+
+    def __init__(self, ids: Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.ids
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """Simulated clients with non-IID data.
+
+    The source's samples are partitioned over ``num_clients`` clients (natural sources come split);
+    each client's share is shuffled (seeded per client) into train/val/test; a fraction of clients
+    is held out as new clients that never train; a stratified public pool can be set aside first.
+
+    Each loader yields one item per epoch, the tensor of client ids of that stage: a training epoch
+    is one communication round, and the federation fetches client batches through
+    :meth:`client_data`.
+
+    Args:
+        dataset: a source (``class_path``) or a name: digits, mnist, fashion_mnist, cifar10,
+            cifar100, synthetic.
+        num_clients: total number of clients, new clients included.
+        partitioner: how samples are split over clients (ignored by natural sources).
+        val_fraction: share of each client's samples in its validation split.
+        test_fraction: share of each client's samples in its test split.
+        new_client_fraction: share of clients held out of training (evaluated as new clients).
+        public_fraction: share of the pool set aside, stratified by class, as public data.
+        batch_size: local minibatch size.
+        seed: seeds partitioning, splits, client sampling and batch order.
+    """
+
+    def __init__(
+        self,
+        dataset: DataSource | str = "digits",
+        num_clients: int = 20,
+        partitioner: Partitioner | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        new_client_fraction: float = 0.0,
+        public_fraction: float = 0.0,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.source = resolve_source(dataset if dataset is not None else Digits())
+        for name, value in (
+            ("val_fraction", val_fraction),
+            ("test_fraction", test_fraction),
+            ("new_client_fraction", new_client_fraction),
+            ("public_fraction", public_fraction),
+        ):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`FederatedDataModule({name}={value})` must be in [0, 1).")
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError(
+                f"`val_fraction={val_fraction}` + `test_fraction={test_fraction}` leaves no training"
+                " data: keep their sum below 1."
+            )
+        if num_clients < 1:
+            raise ValueError(f"`FederatedDataModule(num_clients={num_clients})` must be >= 1.")
+        if batch_size < 1:
+            raise ValueError(f"`FederatedDataModule(batch_size={batch_size})` must be >= 1.")
+        self.num_clients = num_clients
+        self.partitioner = partitioner if partitioner is not None else DirichletPartitioner()
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.new_client_fraction = new_client_fraction
+        self.public_fraction = public_fraction
+        self.batch_size = batch_size
+        self.seed = seed
+        self.clients: list[ClientData] = []
+        self.public: tuple[Tensor, Tensor] | None = None
+        self.train_clients: list[int] = []
+        self.new_clients: list[int] = []
+        self.num_classes = self.source.num_classes
+        self.input_shape: tuple[int, ...] = ()
+        self.fingerprint = ""
+
+    # ------------------------------------------------------------------ building
+    def setup(self, stage: str | None = None) -> None:
+        """Called by the Trainer on every process: build the clients once (deterministic)."""
+        if self.clients:
+            return
+        if self.source.natural:
+            parts = self.source.load_clients(self.num_clients, self.seed)
+            pool_x = torch.cat([x for x, _ in parts])
+            pool_y = torch.cat([y for _, y in parts])
+            self.num_classes = self.source.num_classes
+            offsets = np.cumsum([0] + [len(y) for _, y in parts])
+            indices = [np.arange(offsets[k], offsets[k + 1]) for k in range(self.num_clients)]
+            if self.public_fraction > 0:
+                pool_idx = np.concatenate(indices)
+                public_idx, keep = self._public_split(pool_y.numpy(), pool_idx)
+                keep_set = set(keep.tolist())
+                indices = [np.asarray([i for i in idx if i in keep_set], dtype=np.int64) for idx in indices]
+                self.public = (pool_x[public_idx], pool_y[public_idx])
+        else:
+            pool_x, pool_y = self.source.load()
+            labels = pool_y.numpy()
+            idx_all = np.arange(len(labels))
+            if self.public_fraction > 0:
+                public_idx, idx_all = self._public_split(labels, idx_all)
+                self.public = (pool_x[public_idx], pool_y[public_idx])
+            parts = self.partitioner.partition(labels[idx_all], self.num_clients, self.seed)
+            indices = [idx_all[p] for p in parts]
+        self.input_shape = tuple(pool_x.shape[1:])
+        self.clients = [self._make_client(k, pool_x, pool_y, idx) for k, idx in enumerate(indices)]
+        num_new = int(round(self.new_client_fraction * self.num_clients))
+        if num_new >= self.num_clients:
+            raise ValueError(
+                f"`new_client_fraction={self.new_client_fraction}` holds out all {self.num_clients}"
+                " clients: keep at least one client for training."
+            )
+        rng = np.random.default_rng(stream_seed(self.seed, 7919))
+        new = set(rng.choice(self.num_clients, size=num_new, replace=False).tolist()) if num_new else set()
+        self.new_clients = sorted(new)
+        self.train_clients = [k for k in range(self.num_clients) if k not in new]
+        digest = hashlib.sha256()
+        for c in self.clients:
+            for t in (*c.train, *c.val, *c.test):
+                digest.update(t.numpy().tobytes()[:4096])
+                digest.update(str(tuple(t.shape)).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    def _public_split(self, labels: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(stream_seed(self.seed, 104729))
+        public, keep = [], []
+        for c in np.unique(labels[idx]):
+            members = rng.permutation(idx[labels[idx] == c])
+            cut = int(round(self.public_fraction * len(members)))
+            public.append(members[:cut])
+            keep.append(members[cut:])
+        return np.sort(np.concatenate(public)), np.sort(np.concatenate(keep))
+
+    def _make_client(self, k: int, x: Tensor, y: Tensor, idx: np.ndarray) -> ClientData:
+        n = len(idx)
+        n_val = int(round(self.val_fraction * n))
+        n_test = int(round(self.test_fraction * n))
+        if self.val_fraction > 0:
+            n_val = max(n_val, 1)
+        if self.test_fraction > 0:
+            n_test = max(n_test, 1)
+        if n - n_val - n_test < 1:
+            raise ValueError(
+                f"client {k} has only {n} samples, too few for a train/val/test split with"
+                f" val_fraction={self.val_fraction} and test_fraction={self.test_fraction}: use fewer"
+                " clients (`--data.num_clients`) or a partitioner with a larger `min_size`."
+            )
+        perm = np.random.default_rng(stream_seed(self.seed, 31, k)).permutation(idx)
+        parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+        splits = {}
+        for name, part in parts.items():
+            t = torch.as_tensor(np.sort(part))
+            xs = self.partitioner.transform(k, self.num_clients, x[t]) if not self.source.natural else x[t]
+            splits[name] = (xs.contiguous(), y[t].contiguous())
+        return ClientData(k, splits["train"], splits["val"], splits["test"])
+
+    # ------------------------------------------------------------------ access
+    def client_data(self, client_id: int) -> ClientData:
+        """Client ``client_id``'s splits."""
+        if not self.clients:
+            self.setup()
+        return self.clients[client_id]
+
+    def generator(self, round_idx: int, client_id: int, purpose: int = 0) -> torch.Generator:
+        """A generator seeded by ``(seed, round, client, purpose)``: batch order and local randomness."""
+        return torch.Generator().manual_seed(stream_seed(self.seed, round_idx, client_id, purpose))
+
+    def _ids_loader(self, ids: list[int]) -> DataLoader:
+        return DataLoader(_Once(torch.as_tensor(ids, dtype=torch.int64)), batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        """One item per round: the ids of the clients that may train."""
+        return self._ids_loader(self.train_clients)
+
+    def val_dataloader(self) -> DataLoader:
+        """One item per evaluation: every client id (seen and new)."""
+        return self._ids_loader(list(range(self.num_clients)))
+
+    def test_dataloader(self) -> DataLoader:
+        """One item per test: every client id (seen and new)."""
+        return self._ids_loader(list(range(self.num_clients)))
+
+    def state_dict(self) -> dict:
+        """What identifies this partition, checked when a checkpoint is loaded."""
+        return {"fingerprint": self.fingerprint, "num_clients": self.num_clients, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Called on resume: refuse a checkpoint made on another partition."""
+        if not self.clients:
+            self.setup()
+        if state_dict.get("fingerprint") not in (None, self.fingerprint):
+            raise ValueError(
+                "the checkpoint was made on another data partition"
+                f" (num_clients={state_dict.get('num_clients')}, seed={state_dict.get('seed')}) than this"
+                f" run's (num_clients={self.num_clients}, seed={self.seed}): resume with the config"
+                " that produced the checkpoint, or start a new run without `--ckpt_path`."
+            )

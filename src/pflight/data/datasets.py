@@ -1,0 +1,228 @@
+"""Data sources: each returns whole tensors (inputs float, labels int64) held in memory.
+
+* :class:`Digits`: scikit-learn's 8x8 digits, shipped with scikit-learn (no download).
+* :class:`MNIST`, :class:`FashionMNIST`, :class:`CIFAR10`, :class:`CIFAR100`: torchvision, train and
+  test sets pooled (clients get their own splits), read from ``root`` (default: ``$PFLIGHT_DATA_ROOT``,
+  else ``./data``); ``download=True`` fetches them.
+* :class:`Synthetic`: the FedProx Synthetic(alpha, beta) generator, a natural per-client split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class DataSource:
+    """Base class of data sources.
+
+    ``natural`` sources (one distribution per client) implement :meth:`load_clients`; the others
+    implement :meth:`load` and are split by a partitioner.
+    """
+
+    name: str = "source"
+    num_classes: int = 0
+    natural: bool = False
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """Called once: return all inputs ``(N, ...)`` as float32 and labels ``(N,)`` as int64."""
+        raise NotImplementedError(f"{type(self).__name__} is a natural split: use `load_clients`.")
+
+    def load_clients(self, num_clients: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+        """Called once for natural sources: return one ``(x, y)`` pair per client."""
+        raise NotImplementedError(f"{type(self).__name__} is not a natural split: use `load`.")
+
+
+class Digits(DataSource):
+    """scikit-learn's handwritten digits: 1797 images of 8x8 pixels in [0, 1], 10 classes.
+
+    >>> x, y = Digits().load()
+    >>> tuple(x.shape), int(y.max()) + 1, float(x.max())
+    ((1797, 1, 8, 8), 10, 1.0)
+    """
+
+    name = "digits"
+    num_classes = 10
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """Called once: the images scaled to [0, 1] with a channel axis."""
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        return x, torch.as_tensor(bunch.target, dtype=torch.int64)
+
+
+class _Torchvision(DataSource):
+    """A torchvision data set: train and test pooled, inputs scaled to [0, 1] (CIFAR standardized)."""
+
+    _cls_name = ""
+    _files_hint = ""
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __init__(self, root: str | None = None, download: bool = False) -> None:
+        self.root = root if root is not None else os.environ.get("PFLIGHT_DATA_ROOT", "data")
+        self.download = download
+
+    def _dataset(self, train: bool) -> object:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, self._cls_name)
+        try:
+            return cls(root=self.root, train=train, download=self.download)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            where = Path(self.root).resolve()
+            how = (
+                "the download failed (is the network reachable?): copy the files there by hand"
+                if self.download
+                else f"pass `--data.dataset.init_args.download true` (needs network) or copy the files there"
+            )
+            raise FileNotFoundError(
+                f"`{type(self).__name__}(root={self.root!r}, download={self.download})`: the"
+                f" {self._cls_name} files were not found under {where} ({self._files_hint});"
+                f" {how}. Original error: {err}"
+            ) from err
+        except OSError as err:  # URLError and socket errors when offline
+            raise FileNotFoundError(
+                f"`{type(self).__name__}(root={self.root!r}, download=True)` could not download"
+                f" {self._cls_name} (no network?): copy the files to {Path(self.root).resolve()}"
+                f" ({self._files_hint}). Original error: {err}"
+            ) from err
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """Called once: pool the train and test sets."""
+        xs, ys = [], []
+        for train in (True, False):
+            ds = self._dataset(train)
+            data = torch.as_tensor(np.asarray(ds.data))  # type: ignore[attr-defined]
+            xs.append(data)
+            ys.append(torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64))  # type: ignore[attr-defined]
+        x = torch.cat(xs).float() / 255.0
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+        if self.mean is not None and self.std is not None:
+            mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+            std = torch.tensor(self.std).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return x, torch.cat(ys)
+
+
+class MNIST(_Torchvision):
+    """MNIST through torchvision (70,000 images, 1x28x28, 10 classes)."""
+
+    name = "mnist"
+    num_classes = 10
+    _cls_name = "MNIST"
+    _files_hint = "expected <root>/MNIST/raw/train-images-idx3-ubyte and the other idx files"
+
+
+class FashionMNIST(_Torchvision):
+    """Fashion-MNIST through torchvision (70,000 images, 1x28x28, 10 classes)."""
+
+    name = "fashion_mnist"
+    num_classes = 10
+    _cls_name = "FashionMNIST"
+    _files_hint = "expected <root>/FashionMNIST/raw/train-images-idx3-ubyte and the other idx files"
+
+
+class CIFAR10(_Torchvision):
+    """CIFAR-10 through torchvision (60,000 images, 3x32x32, 10 classes), standardized per channel."""
+
+    name = "cifar10"
+    num_classes = 10
+    _cls_name = "CIFAR10"
+    _files_hint = "expected <root>/cifar-10-batches-py/data_batch_1 ... test_batch"
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+
+class CIFAR100(_Torchvision):
+    """CIFAR-100 through torchvision (60,000 images, 3x32x32, 100 classes), standardized per channel."""
+
+    name = "cifar100"
+    num_classes = 100
+    _cls_name = "CIFAR100"
+    _files_hint = "expected <root>/cifar-100-python/train and test"
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
+
+
+class Synthetic(DataSource):
+    """FedProx's Synthetic(alpha, beta): client k has its own model and input distribution.
+
+    ``u_k ~ N(0, alpha)``, ``W_k, b_k ~ N(u_k, 1)``; ``B_k ~ N(0, beta)``, ``v_k ~ N(B_k, 1)``,
+    ``x ~ N(v_k, diag(j^-1.2))``, ``y = argmax(W_k x + b_k)``. Client sizes follow FedProx's
+    lognormal(4, 2) + 50, capped at ``max_samples``. alpha controls model heterogeneity, beta data
+    heterogeneity; ``iid=True`` gives every client the same model and input distribution.
+
+    >>> parts = Synthetic(alpha=1.0, beta=1.0).load_clients(3, seed=0)
+    >>> [tuple(x.shape[1:]) for x, _ in parts], all(len(x) >= 50 for x, _ in parts)
+    ([(60,), (60,), (60,)], True)
+    """
+
+    name = "synthetic"
+    natural = True
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        dim: int = 60,
+        num_classes: int = 10,
+        iid: bool = False,
+        max_samples: int = 1000,
+    ) -> None:
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"`Synthetic(alpha={alpha}, beta={beta})`: both must be >= 0.")
+        self.alpha = alpha
+        self.beta = beta
+        self.dim = dim
+        self.num_classes = num_classes
+        self.iid = iid
+        self.max_samples = max_samples
+
+    def load_clients(self, num_clients: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+        """Called once: draw every client's model, inputs and labels."""
+        rng = np.random.default_rng(seed)
+        sizes = np.minimum(rng.lognormal(4, 2, num_clients).astype(int) + 50, self.max_samples)
+        cov = np.diag(np.arange(1, self.dim + 1, dtype=float) ** -1.2)
+        w_shared = rng.normal(0, 1, (self.dim, self.num_classes))
+        b_shared = rng.normal(0, 1, self.num_classes)
+        out = []
+        for k in range(num_clients):
+            if self.iid:
+                w, b, v = w_shared, b_shared, np.zeros(self.dim)
+            else:
+                u = rng.normal(0, np.sqrt(self.alpha))
+                w = rng.normal(u, 1, (self.dim, self.num_classes))
+                b = rng.normal(u, 1, self.num_classes)
+                v = rng.normal(rng.normal(0, np.sqrt(self.beta)), 1, self.dim)
+            x = rng.multivariate_normal(v, cov, int(sizes[k]))
+            y = np.argmax(x @ w + b, axis=1)
+            out.append((torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)))
+        return out
+
+
+SOURCES: dict[str, type[DataSource]] = {
+    cls.name: cls for cls in (Digits, MNIST, FashionMNIST, CIFAR10, CIFAR100, Synthetic)
+}
+
+
+def resolve_source(dataset: str | DataSource) -> DataSource:
+    """Turn a data set name into its source; sources pass through.
+
+    >>> type(resolve_source("digits")).__name__
+    'Digits'
+    """
+    if isinstance(dataset, DataSource):
+        return dataset
+    if dataset not in SOURCES:
+        raise ValueError(
+            f"`dataset={dataset!r}` is not a known data set: use one of {sorted(SOURCES)}"
+            " or a `class_path` to a `pflight.data.DataSource` subclass."
+        )
+    return SOURCES[dataset]()
