@@ -4,7 +4,17 @@ from pflight.client import ClientContext, ClientModule
 from pflight.federation import Federation
 from pflight.messages import Message
 from pflight.server import FedAvgServer, NoServer, Server
+from pflight.strategies import FederatedStrategy
 
 __version__ = "0.1.0"
 
-__all__ = ["ClientContext", "ClientModule", "FedAvgServer", "Federation", "Message", "NoServer", "Server"]
+__all__ = [
+    "ClientContext",
+    "ClientModule",
+    "FedAvgServer",
+    "FederatedStrategy",
+    "Federation",
+    "Message",
+    "NoServer",
+    "Server",
+]

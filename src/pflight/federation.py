@@ -10,20 +10,36 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from pflight.client import ClientContext, ClientModule
 from pflight.data.datamodule import FederatedDataModule, stream_seed
 from pflight.messages import Message
-from pflight.metrics import PersonalizedAccuracy
+from pflight.metrics import PersonalizedAccuracy, personalized_summary
 from pflight.server import Server
 from pflight.store import ClientStateStore
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 
 CHECKPOINT_KEY = "pflight"
 
 # stream purposes: independent generators per (seed, round, client, purpose)
-_TRAIN, _EVAL, _SAMPLE = 0, 1, 2
+_TRAIN, _EVAL, _SAMPLE, _FAULT = 0, 1, 2, 3
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak host memory of this process and peak accelerator memory (MiB), when measurable."""
+    out: dict[str, float] = {}
+    if resource is not None:
+        out["sys/peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    if device.type == "cuda":
+        out["sys/peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 class Federation(pl.LightningModule):
@@ -55,6 +71,12 @@ class Federation(pl.LightningModule):
         eval_every: evaluate every this many rounds (sets the Trainer's ``check_val_every_n_epoch``).
         store_device: where per-client state lives between rounds (``cpu`` keeps the accelerator's
             memory independent of the number of clients).
+        executor: ``sequential`` (one client after another) or ``vectorized`` (all clients of a round
+            at once with ``torch.func.vmap``; algorithms it cannot serve fall back to sequential and
+            the reason is logged).
+        dropout_rate: share of sampled clients that drop out each round (never report).
+        straggler_rate: share of sampled clients that straggle (do only part of their local work).
+        straggler_work: the share of its local steps a straggler completes.
     """
 
     def __init__(
@@ -65,6 +87,10 @@ class Federation(pl.LightningModule):
         client_fraction: float | None = None,
         eval_every: int = 1,
         store_device: str = "cpu",
+        executor: str = "sequential",
+        dropout_rate: float = 0.0,
+        straggler_rate: float = 0.0,
+        straggler_work: float = 0.5,
     ) -> None:
         super().__init__()
         if not isinstance(client, ClientModule):
@@ -85,6 +111,13 @@ class Federation(pl.LightningModule):
             raise ValueError(f"`Federation(client_fraction={client_fraction})` must be in (0, 1].")
         if eval_every < 1:
             raise ValueError(f"`Federation(eval_every={eval_every})` must be >= 1.")
+        if executor not in ("sequential", "vectorized"):
+            raise ValueError(f"`Federation(executor={executor!r})` is not valid: use 'sequential' or 'vectorized'.")
+        for name, value in (("dropout_rate", dropout_rate), ("straggler_rate", straggler_rate)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`Federation({name}={value})` must be in [0, 1].")
+        if not 0.0 < straggler_work <= 1.0:
+            raise ValueError(f"`Federation(straggler_work={straggler_work})` must be in (0, 1].")
         self.automatic_optimization = False
         self.client = client
         self.server = server if server is not None else client.configure_server()
@@ -92,6 +125,11 @@ class Federation(pl.LightningModule):
         self.client_fraction = client_fraction
         self.eval_every = eval_every
         self.store = ClientStateStore(store_device, pin_memory=True)
+        self.executor = executor
+        self.dropout_rate = dropout_rate
+        self.straggler_rate = straggler_rate
+        self.straggler_work = straggler_work
+        self._fallback_reason: str | None = None
         self.history: list[dict[str, Any]] = []
         self.last_evaluation: dict[str, dict[int, float]] = {}
         self.last_round_metrics: dict[int, dict[str, float]] = {}
@@ -168,9 +206,13 @@ class Federation(pl.LightningModule):
         return sorted(candidates[int(i)] for i in pick)
 
     def shard(self, client_ids: list[int]) -> list[int]:
-        """This process's share of ``client_ids`` (all of them in a single process)."""
+        """This process's share of ``client_ids``: client k lives on rank ``k % world_size``.
+
+        The assignment does not depend on the round, so a client's persistent state stays on one
+        process; a single process takes every client.
+        """
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        return client_ids[rank::world] if world > 1 else client_ids
+        return [k for k in client_ids if k % world == rank] if world > 1 else list(client_ids)
 
     def context(self, client_id: int, round_idx: int, stage: str, purpose: int) -> ClientContext:
         """The context the client module serves ``client_id`` in."""
@@ -213,16 +255,25 @@ class Federation(pl.LightningModule):
         """The client's local optimizer(s): Lightning wraps them for precision and devices."""
         return self.client.configure_optimizers()
 
-    def _local_batches(self, ctx: ClientContext) -> Iterator[Any]:
+    def _planned_steps(self, ctx: ClientContext) -> int:
+        """Local optimizer steps client ``ctx.client_id`` takes in a full round."""
+        client = self.client
+        if client.local_steps is not None:
+            return client.local_steps
+        per_epoch = math.ceil(ctx.data.num_samples("train") / ctx.batch_size)
+        return max(1, math.ceil(per_epoch * client.local_epochs / client.batches_per_step))
+
+    def _local_batches(self, ctx: ClientContext, work: float = 1.0) -> Iterator[Any]:
         client = self.client
         n = client.batches_per_step
-        if n == 1:
+        if n == 1 and work >= 1.0:
             yield from ctx.batches("train", epochs=client.local_epochs, steps=client.local_steps)
             return
-        steps = client.local_steps
-        if steps is None:
-            per_epoch = math.ceil(ctx.data.num_samples("train") / ctx.batch_size)
-            steps = max(1, math.ceil(per_epoch * client.local_epochs / n))
+        steps = max(1, math.ceil(self._planned_steps(ctx) * work))
+        if n == 1:
+            stream = ctx.batches("train", epochs=client.local_epochs, steps=client.local_steps)
+            yield from (batch for _, batch in zip(range(steps), stream, strict=False))
+            return
         stream = ctx.batches("train", steps=steps * n)
         while True:
             group = tuple(b for _, b in zip(range(n), stream, strict=False))
@@ -236,8 +287,26 @@ class Federation(pl.LightningModule):
             opt.optimizer.state.clear()
         return opts
 
-    def train_client(self, client_id: int, round_idx: int) -> tuple[Message | None, Tensor | None]:
-        """Run client ``client_id``'s local training of round ``round_idx``; return (upload, mean loss)."""
+    def faults(self, client_ids: list[int], round_idx: int) -> tuple[list[int], dict[int, float]]:
+        """Which sampled clients drop out, and the share of work of each straggler (seeded per client)."""
+        if self.dropout_rate == 0.0 and self.straggler_rate == 0.0:
+            return [], {}
+        dropped, work = [], {}
+        for k in client_ids:
+            u = torch.rand(2, generator=self.data.generator(round_idx, k, _FAULT))
+            if float(u[0]) < self.dropout_rate:
+                dropped.append(k)
+            elif float(u[1]) < self.straggler_rate:
+                work[k] = self.straggler_work
+        return dropped, work
+
+    def train_client(
+        self, client_id: int, round_idx: int, work: float = 1.0
+    ) -> tuple[Message | None, Tensor | None]:
+        """Run client ``client_id``'s local training of round ``round_idx``; return (upload, mean loss).
+
+        ``work`` < 1 makes the client a straggler that completes only that share of its local steps.
+        """
         client = self.client
         ctx = self.context(client_id, round_idx, "train", _TRAIN)
         client.context = ctx
@@ -249,7 +318,7 @@ class Federation(pl.LightningModule):
             client.on_local_train_start()
             total: Tensor | None = None
             steps = 0
-            for batch_idx, batch in enumerate(self._local_batches(ctx)):
+            for batch_idx, batch in enumerate(self._local_batches(ctx, work)):
                 out = client.training_step(batch, batch_idx)
                 loss = out["loss"] if isinstance(out, dict) else out
                 self.manual_backward(loss)
@@ -268,35 +337,79 @@ class Federation(pl.LightningModule):
         self.store.put(client_id, client.client_state())
         return client.upload(), mean_loss
 
+    def _train_sequential(
+        self, client_ids: list[int], round_idx: int, work: dict[int, float]
+    ) -> tuple[dict[int, Message], list[Tensor]]:
+        uploads: dict[int, Message] = {}
+        losses: list[Tensor] = []
+        for k in client_ids:
+            upload, loss = self.train_client(k, round_idx, work.get(k, 1.0))
+            if upload is not None:
+                uploads[k] = upload
+            if loss is not None:
+                losses.append(loss)
+        return uploads, losses
+
+    def _train_vectorized(
+        self, client_ids: list[int], round_idx: int, work: dict[int, float]
+    ) -> tuple[dict[int, Message], list[Tensor]]:
+        from pflight import vectorized
+
+        reason = vectorized.unsupported_reason(self)
+        if reason is None and work:
+            reason = "stragglers are simulated by the sequential executor only"
+        if reason is not None:
+            if reason != self._fallback_reason:
+                rank_zero_warn(f"`executor='vectorized'` falls back to sequential: {reason}")
+                self._fallback_reason = reason
+            return self._train_sequential(client_ids, round_idx, work)
+        return vectorized.train_clients(self, client_ids, round_idx)
+
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         """One communication round over this process's share of the sampled clients."""
         round_idx = self.current_epoch
         start = time.perf_counter()
-        sampled = self.sample_clients([int(k) for k in batch.tolist()], round_idx)
-        uploads: dict[int, Message] = {}
-        losses: list[Tensor] = []
-        for k in self.shard(sampled):
-            upload, loss = self.train_client(k, round_idx)
-            if upload is not None:
-                uploads[k] = upload
-            if loss is not None:
-                losses.append(loss)
+        sampled = self.sample_clients(list(self.data.train_clients), round_idx)
+        dropped, work = self.faults(sampled, round_idx)
+        active = [k for k in sampled if k not in set(dropped)]
+        mine = self.shard(active)
+        train = self._train_vectorized if self.executor == "vectorized" else self._train_sequential
+        uploads, losses = train(mine, round_idx, work)
+        local_s = time.perf_counter() - start
         uploads = self.gather_uploads(uploads)
+        if not uploads and self.server.global_message() is not None:
+            rank_zero_warn(f"round {round_idx}: no client reported; the server keeps the previous model.")
+        agg_start = time.perf_counter()
         self.server.update(uploads, round_idx)
+        aggregate_s = time.perf_counter() - agg_start
         elapsed = time.perf_counter() - start
         self.last_round_metrics = {k: dict(m.metrics) for k, m in uploads.items() if m.metrics}
         for name in sorted({n for m in self.last_round_metrics.values() for n in m}):
             values = [m[name] for m in self.last_round_metrics.values() if name in m]
             self.log(f"train/{name}", sum(values) / len(values), on_epoch=True, on_step=False, batch_size=1)
-        if losses:
-            self.log("train/loss", torch.stack(losses).mean(), on_epoch=True, on_step=False, batch_size=1)
-        self.log("train/round_time_s", elapsed, on_epoch=True, on_step=False, batch_size=1)
-        self.log("train/clients_per_s", len(sampled) / max(elapsed, 1e-9), on_epoch=True, on_step=False, batch_size=1)
-        self.log("round", float(round_idx + 1), on_epoch=True, on_step=False, batch_size=1)
+        loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        stats = torch.tensor([float(loss_sum), float(len(losses))], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(stats)
+        log = {
+            "train/round_time_s": elapsed,
+            "train/local_s": local_s,
+            "train/aggregate_s": aggregate_s,
+            "train/clients_per_s": len(active) / max(elapsed, 1e-9),
+            "train/clients_reported": float(len(uploads)),
+            "train/clients_dropped": float(len(dropped)),
+            "train/clients_straggling": float(len(work)),
+            "round": float(round_idx + 1),
+            **memory_stats(self.device),
+        }
+        if stats[1] > 0:
+            log["train/loss"] = float(stats[0] / stats[1])
+        for name, value in log.items():
+            self.log(name, value, on_epoch=True, on_step=False, batch_size=1)
 
     def gather_uploads(self, uploads: dict[int, Message]) -> dict[int, Message]:
-        """Collect every process's uploads (identity in a single process)."""
+        """Collect every process's uploads (identity in a single process), sorted by client id."""
         if self.trainer.world_size == 1:
             return uploads
         gathered: list[dict[int, Message]] = [{} for _ in range(self.trainer.world_size)]
@@ -325,15 +438,16 @@ class Federation(pl.LightningModule):
     @override
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Personalized evaluation of every client on its validation split."""
-        self.evaluate_clients([int(k) for k in batch.tolist()], "val")
+        self.evaluate_clients(list(range(self.data.num_clients)), "val")
 
     @override
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """Personalized evaluation of every client on its test split."""
-        self.evaluate_clients([int(k) for k in batch.tolist()], "test")
+        self.evaluate_clients(list(range(self.data.num_clients)), "test")
 
     def evaluate_clients(self, client_ids: list[int], stage: str) -> dict[str, float]:
         """Personalize and evaluate ``client_ids`` on split ``stage``; log and return the summary."""
+        eval_start = time.perf_counter()
         dm = self.data
         round_idx = self.current_epoch
         seen = PersonalizedAccuracy(dm.num_clients)
@@ -361,23 +475,27 @@ class Federation(pl.LightningModule):
             metric.to(self.device)
             if self.trainer.world_size > 1:
                 metric.sync()
-        summary = seen.compute()
+        summary = personalized_summary(seen.correct, seen.total)  # states are synced above
         out = {
             f"{stage}/personalized_acc": summary["mean"],
             f"{stage}/personalized_acc_weighted": summary["weighted"],
             f"{stage}/personalized_acc_std": summary["std"],
             f"{stage}/personalized_acc_worst10": summary["worst10"],
         }
-        if loss_n:
-            out[f"{stage}/personalized_loss"] = loss_sum / loss_n
+        losses = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(losses)
+        if losses[1] > 0:
+            out[f"{stage}/personalized_loss"] = float(losses[0] / losses[1])
         if bool(glob.total.sum() > 0):
-            g = glob.compute()
+            g = personalized_summary(glob.correct, glob.total)
             out[f"{stage}/global_acc"] = g["mean"]
             out[f"{stage}/global_acc_weighted"] = g["weighted"]
         if bool(new.total.sum() > 0):
-            n = new.compute()
+            n = personalized_summary(new.correct, new.total)
             out[f"{stage}/new_clients_acc"] = n["mean"]
             out[f"{stage}/new_clients_acc_weighted"] = n["weighted"]
+        out[f"{stage}/eval_s"] = time.perf_counter() - eval_start
         for name, value in out.items():
             self.log(name, value, on_epoch=True, on_step=False, batch_size=1)
         self.last_evaluation = {
@@ -403,11 +521,16 @@ class Federation(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the server, every client's persistent state and the evaluation history."""
+        store = self.store.state_dict()
+        if self.trainer.world_size > 1:  # each rank holds its own clients' state: merge them
+            parts: list[dict[str, Any]] = [{} for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(parts, store)
+            store = {"states": {k: v for part in parts for k, v in part["states"].items()}}
         checkpoint[CHECKPOINT_KEY] = {
             "version": 1,
             "fingerprint": self.fingerprint(),
             "server": self.server.state_dict(),
-            "store": self.store.state_dict(),
+            "store": store,
             "history": list(self.history),
             "initial_state": self.client.initial_state(),
         }

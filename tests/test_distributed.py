@@ -1,0 +1,49 @@
+"""The `federated` strategy: 2 processes (gloo, CPU) give the same federation as 1."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[dict, dict]:
+    cwd.mkdir(parents=True)
+    args = [sys.executable, "-m", "pflight.cli", "fit", "--config", str(config), "--trainer.max_epochs", "2",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", ".",
+            "--trainer.accelerator", "cpu", "--data.num_clients", "8", *extra]
+    if processes > 1:
+        args += ["--trainer.strategy", "federated", "--trainer.devices", str(processes)]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(next(cwd.glob("version_*/metrics.csv")))))
+    last = [r for r in rows if r.get("val/personalized_acc")][-1]
+    ckpt = torch.load(cwd / "checkpoints" / "last.ckpt", weights_only=False)["pflight"]
+    return last, ckpt
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("fedavg/digits.yaml", ["--model.clients_per_round", "5"]), ("local/digits.yaml", ["--model.clients_per_round", "5"])],
+    ids=["fedavg-sampled", "local-store"],
+)
+def test_two_processes_equal_one(tmp_path, config, extra):
+    """Same seed => same metrics and models with 1 or 2 processes (up to float summation order)."""
+    one, ckpt1 = run_cli(CONFIGS / config, tmp_path / "one", 1, extra)
+    two, ckpt2 = run_cli(CONFIGS / config, tmp_path / "two", 2, extra)
+    for key in ("val/personalized_acc", "val/personalized_acc_weighted", "val/personalized_acc_worst10"):
+        assert float(one[key]) == pytest.approx(float(two[key]), abs=1e-6), key
+    g1, g2 = ckpt1["server"].get("global_state", {}), ckpt2["server"].get("global_state", {})
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5)
+    # every client's persistent state reaches the checkpoint, whichever rank held it
+    assert ckpt1["store"]["states"].keys() == ckpt2["store"]["states"].keys()
+    for k, state in ckpt1["store"]["states"].items():
+        for name, value in state.get("weights", {}).items():
+            torch.testing.assert_close(value, ckpt2["store"]["states"][k]["weights"][name], atol=1e-6, rtol=1e-5)
