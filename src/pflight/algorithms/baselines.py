@@ -26,7 +26,37 @@ def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu
 
 
 class LocalOnly(ClientModule):
-    """Each client trains its own model from the shared initialization and never communicates."""
+    """Each client trains its own model from the shared initialization and never communicates.
+
+    A held-out (new) client has no model yet: at evaluation it trains one from the shared
+    initialization on its train split for ``new_client_epochs`` epochs.
+
+    Args:
+        new_client_epochs: local epochs a new client trains before it is evaluated.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        new_client_epochs: int = 20,
+    ) -> None:
+        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        if new_client_epochs < 0:
+            raise ValueError(f"`LocalOnly(new_client_epochs={new_client_epochs})` must be >= 0.")
+        self.new_client_epochs = new_client_epochs
+
+    @override
+    def personalize(self) -> None:
+        """A new client trains its own model; a seen client is evaluated as it is."""
+        assert self.context is not None
+        if self.context.new_client:
+            self.fine_tune(epochs=self.new_client_epochs)
 
     @override
     def configure_server(self) -> Server:
