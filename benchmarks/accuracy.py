@@ -56,7 +56,12 @@ LR = {"lr": [0.05, 0.2]}
 ALGOS: list[Algo] = [
     Algo("local", "pflight.algorithms.LocalOnly", grid=LR),
     Algo("fedavg", "pflight.algorithms.FedAvg", grid=LR),
-    Algo("fedavg_ft", "pflight.algorithms.FedAvgFT", fixed={"finetune_steps": 5}, grid={**LR, "finetune_lr": [0.02, 0.05]}),
+    Algo(
+        "fedavg_ft",
+        "pflight.algorithms.FedAvgFT",
+        fixed={"finetune_steps": 5},
+        grid={**LR, "finetune_lr": [0.02, 0.05]},
+    ),
     Algo("fedprox", "pflight.algorithms.FedProx", grid={**LR, "mu": [0.01, 0.1]}),
 ]
 
@@ -123,9 +128,17 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             times.append(float(trainer.callback_metrics["train/round_time_s"]))
 
-    trainer = pl.Trainer(max_epochs=job["rounds"], accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                         num_sanity_val_steps=0, callbacks=[_Times()])
+    trainer = pl.Trainer(
+        max_epochs=job["rounds"],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        num_sanity_val_steps=0,
+        callbacks=[_Times()],
+    )
     start = time.perf_counter()
     trainer.fit(fed, datamodule=data)
     val_curve = [(h["round"], h["val/personalized_acc"]) for h in fed.history if h["stage"] == "val"]
@@ -207,8 +220,12 @@ def write_report(results: list[dict[str, Any]], out: Path, seconds: float, comma
         "",
     ]
     for scen in scenarios:
-        lines += [f"## {scen}", "", "| algorithm | pers | weighted | worst10 | new | worse-than-local | s/round | chosen |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {scen}",
+            "",
+            "| algorithm | pers | weighted | worst10 | new | worse-than-local | s/round | chosen |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         local = {r["seed"]: r["test_clients"] for r in final if r["scenario"] == scen and r["algo"] == "local"}
         for name in algos:
             rows = [r for r in final if r["scenario"] == scen and r["algo"] == name]
@@ -234,8 +251,10 @@ def write_report(results: list[dict[str, Any]], out: Path, seconds: float, comma
                 axes[0].plot(rounds, accs, marker="o", ms=3, label=name)
         axes[0].set(title=f"{scen}: validation personalized accuracy (seed 0)", xlabel="round", ylabel="accuracy")
         axes[0].legend(fontsize=7, ncol=2)
-        data = [[v for r in final if r["scenario"] == scen and r["algo"] == n for v in r["test_clients"].values()]
-                for n in algos]
+        data = [
+            [v for r in final if r["scenario"] == scen and r["algo"] == n for v in r["test_clients"].values()]
+            for n in algos
+        ]
         axes[1].boxplot(data, tick_labels=algos, vert=True)
         axes[1].set(title=f"{scen}: per-client test accuracy ({nseeds} seed(s))", ylabel="accuracy")
         axes[1].tick_params(axis="x", rotation=60, labelsize=7)
@@ -255,24 +274,50 @@ def jiang_replication(out: Path, workers: int, seeds: list[int], rounds: int) ->
     import matplotlib.pyplot as plt
 
     epochs = [1, 2, 5, 10, 20]
-    jobs = [{"algo": "fedavg_ft", "scenario": "digits_dir0.5", "seed": s, "rounds": rounds, "phase": "jiang",
-             "hparams": {"lr": 0.05, "local_epochs": e, "local_steps": None, "finetune_epochs": 2,
-                         "finetune_steps": 0, "finetune_lr": 0.02}} for e in epochs for s in seeds]
+    jobs = [
+        {
+            "algo": "fedavg_ft",
+            "scenario": "digits_dir0.5",
+            "seed": s,
+            "rounds": rounds,
+            "phase": "jiang",
+            "hparams": {
+                "lr": 0.05,
+                "local_epochs": e,
+                "local_steps": None,
+                "finetune_epochs": 2,
+                "finetune_steps": 0,
+                "finetune_lr": 0.02,
+            },
+        }
+        for e in epochs
+        for s in seeds
+    ]
     results = _pool_map(jobs, workers)
     init = {e: [r["test"]["test/global_acc"] for r in results if r["hparams"]["local_epochs"] == e] for e in epochs}
-    pers = {e: [r["test"]["test/personalized_acc"] for r in results if r["hparams"]["local_epochs"] == e] for e in epochs}
+    pers = {
+        e: [r["test"]["test/personalized_acc"] for r in results if r["hparams"]["local_epochs"] == e] for e in epochs
+    }
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, series in (("initial (global model)", init), ("personalized (2 fine-tuning epochs)", pers)):
         means = [sum(series[e]) / len(series[e]) for e in epochs]
         ax.plot(epochs, means, marker="o", label=label)
-    ax.set(xscale="log", xlabel="local epochs E", ylabel="test accuracy (mean over clients)",
-           title=f"FedAvg on digits Dirichlet(0.5), {rounds} rounds")
+    ax.set(
+        xscale="log",
+        xlabel="local epochs E",
+        ylabel="test accuracy (mean over clients)",
+        title=f"FedAvg on digits Dirichlet(0.5), {rounds} rounds",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "jiang_local_epochs.png", dpi=110)
     plt.close(fig)
-    rows = ["## Replication: Jiang et al. 2019, local epochs vs initial and personalized accuracy", "",
-            "| E | initial (global) | personalized |", "|---|---|---|"]
+    rows = [
+        "## Replication: Jiang et al. 2019, local epochs vs initial and personalized accuracy",
+        "",
+        "| E | initial (global) | personalized |",
+        "|---|---|---|",
+    ]
     rows += [f"| {e} | {mean_std(init[e])} | {mean_std(pers[e])} |" for e in epochs]
     rows += ["", "![jiang](jiang_local_epochs.png)", ""]
     return rows
@@ -280,7 +325,9 @@ def jiang_replication(out: Path, workers: int, seeds: list[int], rounds: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: fedavg and local, 1 scenario, 1 seed, 3 rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: fedavg and local, 1 scenario, 1 seed, 3 rounds"
+    )
     parser.add_argument("--only", default="", help="comma-separated algorithm names")
     parser.add_argument("--scenarios", default="", help="comma-separated scenario names")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
@@ -303,8 +350,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # 1) selection on seed 0, validation only
-    jobs = [{"algo": a.name, "scenario": s, "seed": 0, "rounds": ROUNDS, "phase": "select", "hparams": hp}
-            for a in ALGOS if a.name in chosen for s in scenarios for hp in grid_points(a.grid)]
+    jobs = [
+        {"algo": a.name, "scenario": s, "seed": 0, "rounds": ROUNDS, "phase": "select", "hparams": hp}
+        for a in ALGOS
+        if a.name in chosen
+        for s in scenarios
+        for hp in grid_points(a.grid)
+    ]
     selection = _pool_map(jobs, args.workers)
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for r in selection:
@@ -313,8 +365,12 @@ def main() -> None:
             best[key] = r
     # 2) the chosen hyperparameters on every seed (seed 0 reuses the selection run)
     final = [{**r, "phase": "final"} for r in best.values()]
-    jobs = [{"algo": a, "scenario": s, "seed": seed, "rounds": ROUNDS, "phase": "final", "hparams": r["hparams"]}
-            for (a, s), r in best.items() for seed in seeds if seed != 0]
+    jobs = [
+        {"algo": a, "scenario": s, "seed": seed, "rounds": ROUNDS, "phase": "final", "hparams": r["hparams"]}
+        for (a, s), r in best.items()
+        for seed in seeds
+        if seed != 0
+    ]
     final += _pool_map(jobs, args.workers)
     command = "python benchmarks/accuracy.py" + (" --quick" if args.quick else "")
     write_report(selection + final, out, time.perf_counter() - start, command)

@@ -21,14 +21,14 @@ from torch.nn import functional as F  # noqa: N812
 
 from pflight import Federation
 from pflight.algorithms import FedAvg
-from pflight.client import float_state
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.models import MLP
 
 
 def make_data(clients: int) -> FederatedDataModule:
-    data = FederatedDataModule("digits", num_clients=clients, partitioner=DirichletPartitioner(0.5, min_size=10),
-                               batch_size=16, seed=0)
+    data = FederatedDataModule(
+        "digits", num_clients=clients, partitioner=DirichletPartitioner(0.5, min_size=10), batch_size=16, seed=0
+    )
     data.setup()
     return data
 
@@ -66,9 +66,17 @@ def plain_loop(data: FederatedDataModule, rounds: int, lr: float) -> float:
 def pflight_run(data: FederatedDataModule, rounds: int, lr: float) -> tuple[float, float]:
     pl.seed_everything(0, verbose=False)
     fed = Federation(FedAvg(make_net(), lr=lr))
-    trainer = pl.Trainer(max_epochs=rounds, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, inference_mode=False)
+    trainer = pl.Trainer(
+        max_epochs=rounds,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+    )
     times: list[float] = []
 
     class _Rounds(pl.Callback):
@@ -88,18 +96,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"FedAvg, digits, MLP 64-128-128-10, batch 16, 1 local epoch, {args.rounds} rounds, "
-          f"{torch.get_num_threads()} thread(s)\n")
-    print(f"{'clients':>7} | {'plain s/round':>13} | {'pflight fit s/round':>19} | {'pflight round s':>15} | "
-          f"{'fit/plain':>9} | {'round/plain':>11}")
+    print(
+        f"FedAvg, digits, MLP 64-128-128-10, batch 16, 1 local epoch, {args.rounds} rounds, "
+        f"{torch.get_num_threads()} thread(s)\n"
+    )
+    print(
+        f"{'clients':>7} | {'plain s/round':>13} | {'pflight fit s/round':>19} | {'pflight round s':>15} | "
+        f"{'fit/plain':>9} | {'round/plain':>11}"
+    )
     print("-" * 92)
     for k in args.clients:
         data = make_data(k)
         plain_loop(data, 2, 0.05)  # warm-up
         plain = plain_loop(data, args.rounds, 0.05)
         fit_s, round_s = pflight_run(data, args.rounds, 0.05)
-        print(f"{k:>7} | {plain:>13.4f} | {fit_s:>19.4f} | {round_s:>15.4f} | {fit_s / plain:>9.2f} | "
-              f"{round_s / plain:>11.2f}")
+        print(
+            f"{k:>7} | {plain:>13.4f} | {fit_s:>19.4f} | {round_s:>15.4f} | {fit_s / plain:>9.2f} | "
+            f"{round_s / plain:>11.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,13 @@ class RoundProgressBar(ProgressBar):
         """Called when training starts: open the bar at the resumed round."""
         if self._enabled:
             self._bar = tqdm(
-                total=trainer.max_epochs, initial=trainer.current_epoch, desc="rounds", unit="round",
-                file=sys.stdout, dynamic_ncols=True, leave=True,
+                total=trainer.max_epochs,
+                initial=trainer.current_epoch,
+                desc="rounds",
+                unit="round",
+                file=sys.stdout,
+                dynamic_ncols=True,
+                leave=True,
             )
 
     @override

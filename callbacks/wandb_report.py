@@ -9,9 +9,11 @@ from typing_extensions import override
 
 
 class WandbClientReport(Callback):
-    """After each evaluation, log ``<stage>/clients`` (a table: client, accuracy, kind) and
-    ``<stage>/client_acc_hist`` (a histogram) to every W&B logger of the Trainer; other loggers are
-    left alone."""
+    """Per-client accuracy to W&B after each evaluation.
+
+    Logs ``<stage>/clients`` (a table: client, accuracy, kind) and ``<stage>/client_acc_hist`` (a
+    histogram) to every W&B logger of the Trainer; other loggers are left alone.
+    """
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -20,7 +22,9 @@ class WandbClientReport(Callback):
             return
         import wandb
 
-        rows = [[k, acc, kind] for kind in ("personalized", "new", "global") for k, acc in evaluation.get(kind, {}).items()]
+        rows = [
+            [k, acc, kind] for kind in ("personalized", "new", "global") for k, acc in evaluation.get(kind, {}).items()
+        ]
         accs = list(evaluation.get("personalized", {}).values())
         for lg in loggers:
             lg.experiment.log(

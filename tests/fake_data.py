@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_idx_mnist(root: str | Path, folder: str = "MNIST", n_train: int = 3000, n_test: int = 500, seed: int = 0) -> Path:
+def write_idx_mnist(
+    root: str | Path, folder: str = "MNIST", n_train: int = 3000, n_test: int = 500, seed: int = 0
+) -> Path:
     """torchvision's raw layout: <root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
     rng = np.random.default_rng(seed)
     raw = Path(root) / folder / "raw"
@@ -29,7 +31,12 @@ def write_cifar(root: str | Path, classes: int = 10, per_batch: int = 500, seed:
     rng = np.random.default_rng(seed)
     if classes == 10:
         folder = Path(root) / "cifar-10-batches-py"
-        files, key, meta, names = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"], "labels", "batches.meta", "label_names"
+        files, key, meta, names = (
+            [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"],
+            "labels",
+            "batches.meta",
+            "label_names",
+        )
     else:
         folder = Path(root) / "cifar-100-python"
         files, key, meta, names = ["train", "test"], "fine_labels", "meta", "fine_label_names"

@@ -50,8 +50,14 @@ def test_wandb_offline_run_holds_logged_metrics(quickstart_run):
     rows = [r for r in run["history"] if "val/personalized_acc" in r]
     assert len(rows) == 20
     assert rows[-1]["val/personalized_acc"] == pytest.approx(cli.model.history[-1]["val/personalized_acc"])
-    for key in ("train/loss", "train/round_time_s", "train/clients_per_s", "val/global_acc",
-                "val/personalized_acc_worst10", "val/new_clients_acc"):
+    for key in (
+        "train/loss",
+        "train/round_time_s",
+        "train/clients_per_s",
+        "val/global_acc",
+        "val/personalized_acc_worst10",
+        "val/new_clients_acc",
+    ):
         assert any(key in r for r in run["history"]), key
     assert any("val/clients/_type" in r for r in run["history"])  # the per-client table
     assert any(k.startswith("model") for k in run["config"]), sorted(run["config"])[:5]
@@ -65,7 +71,8 @@ def test_checkpoint_then_test_subcommand(quickstart_run, tmp_path, monkeypatch):
     assert ckpt.exists()
     cli = PflightCLI(args=["test", "--config", QUICKSTART, "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     last = cli.model.history[-1]
-    assert last["stage"] == "test" and last["test/personalized_acc"] > 0.7
+    assert last["stage"] == "test"
+    assert last["test/personalized_acc"] > 0.7
 
 
 def test_print_config_composes_files(tmp_path, capsys):
@@ -95,4 +102,5 @@ def test_wandb_offline_unless_credentials(monkeypatch, tmp_path):
 def test_console_script_help():
     """The installed `pflight` command answers --help with its subcommands."""
     out = subprocess.run([sys.executable, "-m", "pflight.cli", "--help"], capture_output=True, text=True, check=True)
-    assert "fit" in out.stdout and "test" in out.stdout
+    assert "fit" in out.stdout
+    assert "test" in out.stdout

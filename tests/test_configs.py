@@ -17,8 +17,11 @@ def _datasets(node):
     found = set()
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "class_path" and isinstance(value, str) and value.rsplit(".", 1)[-1] in {
-                "MNIST", "FashionMNIST", "CIFAR10", "CIFAR100"}:
+            if (
+                key == "class_path"
+                and isinstance(value, str)
+                and value.rsplit(".", 1)[-1] in {"MNIST", "FashionMNIST", "CIFAR10", "CIFAR100"}
+            ):
                 found.add(value.rsplit(".", 1)[-1])
             found |= _datasets(value)
     elif isinstance(node, list):
@@ -56,9 +59,19 @@ def test_config_runs_one_round(path, tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
     monkeypatch.setenv("PFLIGHT_DATA_ROOT", str(root))
     cli = PflightCLI(
-        args=["fit", "--config", str(path), "--trainer.max_epochs", "1", "--trainer.logger", "false",
-              "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-              "--model.eval_every", "1"],
+        args=[
+            "fit",
+            "--config",
+            str(path),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--checkpoint.dirpath",
+            str(tmp_path / "ckpt"),
+            "--model.eval_every",
+            "1",
+        ],
     )
     history = cli.model.history
     assert history, "no evaluation ran"

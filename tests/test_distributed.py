@@ -14,15 +14,32 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 
 def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[dict, dict]:
     cwd.mkdir(parents=True)
-    args = [sys.executable, "-m", "pflight.cli", "fit", "--config", str(config), "--trainer.max_epochs", "2",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", ".",
-            "--trainer.accelerator", "cpu", "--data.num_clients", "8", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "pflight.cli",
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        ".",
+        "--trainer.accelerator",
+        "cpu",
+        "--data.num_clients",
+        "8",
+        *extra,
+    ]
     if processes > 1:
         args += ["--trainer.strategy", "federated", "--trainer.devices", str(processes)]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = list(csv.DictReader(open(next(cwd.glob("version_*/metrics.csv")))))
+    with open(next(cwd.glob("version_*/metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     last = [r for r in rows if r.get("val/personalized_acc")][-1]
     ckpt = torch.load(cwd / "checkpoints" / "last.ckpt", weights_only=False)["pflight"]
     return last, ckpt
@@ -30,7 +47,10 @@ def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[
 
 @pytest.mark.parametrize(
     ("config", "extra"),
-    [("fedavg/digits.yaml", ["--model.clients_per_round", "5"]), ("local/digits.yaml", ["--model.clients_per_round", "5"])],
+    [
+        ("fedavg/digits.yaml", ["--model.clients_per_round", "5"]),
+        ("local/digits.yaml", ["--model.clients_per_round", "5"]),
+    ],
     ids=["fedavg-sampled", "local-store"],
 )
 def test_two_processes_equal_one(tmp_path, config, extra):

@@ -116,8 +116,7 @@ def test_corrupted_checkpoint(tmp_path, capsys):
     path = tmp_path / "ck" / "last.ckpt"
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match=r"last.ckpt.*cannot be read.*corrupted"):
-        PflightCLI(args=["fit", "--config", _quick_config(), "--ckpt_path", str(path),
-                         "--trainer.logger", "false"])
+        PflightCLI(args=["fit", "--config", _quick_config(), "--ckpt_path", str(path), "--trainer.logger", "false"])
 
 
 def _quick_config():

@@ -33,8 +33,13 @@ def test_weighted_average_matches_hand_computation():
     server.global_state = {"w": torch.zeros(2)}
     from pflight.messages import Message
 
-    server.update({0: Message("weights", {"w": torch.tensor([1.0, 0.0])}, 1),
-                   1: Message("weights", {"w": torch.tensor([4.0, 2.0])}, 3)}, round_idx=0)
+    server.update(
+        {
+            0: Message("weights", {"w": torch.tensor([1.0, 0.0])}, 1),
+            1: Message("weights", {"w": torch.tensor([4.0, 2.0])}, 3),
+        },
+        round_idx=0,
+    )
     assert server.global_state["w"].tolist() == [(1 * 1 + 3 * 4) / 4, (0 + 3 * 2) / 4]
     uniform = weighted_average([{"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}], [0.5, 0.5])
     assert uniform["w"].item() == 2.5
@@ -100,7 +105,8 @@ def test_client_sampling_is_seeded_and_sized():
     data = FederatedDataModule("digits", num_clients=10, seed=0)
     fed = run_federation(FedAvg(MLP(hidden=[8])), data, rounds=1, federation_kwargs={"clients_per_round": 4})
     a = fed.sample_clients(data.train_clients, 0)
-    assert len(a) == 4 and a == fed.sample_clients(data.train_clients, 0)
+    assert len(a) == 4
+    assert a == fed.sample_clients(data.train_clients, 0)
     assert any(fed.sample_clients(data.train_clients, r) != a for r in range(1, 5))
 
 
@@ -109,8 +115,14 @@ def test_evaluation_reports_contracted_metrics():
     data = FederatedDataModule("digits", num_clients=10, new_client_fraction=0.2, seed=0)
     fed = run_federation(FedAvg(MLP(hidden=[16])), data, rounds=1)
     row = fed.history[-1]
-    for name in ("personalized_acc", "personalized_acc_weighted", "personalized_acc_std",
-                 "personalized_acc_worst10", "global_acc", "new_clients_acc"):
+    for name in (
+        "personalized_acc",
+        "personalized_acc_weighted",
+        "personalized_acc_std",
+        "personalized_acc_worst10",
+        "global_acc",
+        "new_clients_acc",
+    ):
         assert f"val/{name}" in row
     accs = list(fed.last_evaluation["personalized"].values())
     assert row["val/personalized_acc"] == pytest.approx(sum(accs) / len(accs))

@@ -81,7 +81,8 @@ def test_datamodule_splits_disjoint_and_new_clients_held_out():
     for c in dm.clients:
         rows = [tuple(r.flatten().tolist()) for split in ("train", "val", "test") for r in c.split(split)[0]]
         total += len(rows)
-        assert c.num_samples("val") >= 1 and c.num_samples("test") >= 1
+        assert c.num_samples("val") >= 1
+        assert c.num_samples("test") >= 1
     assert total == 1797
 
 

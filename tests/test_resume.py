@@ -32,7 +32,8 @@ def test_resume_after_round_2_of_4_equals_uninterrupted(tmp_path, algo):
     fit(algo, 2, tmp_path / "b", seed=0)
     resumed = fit(algo, 4, tmp_path / "b", seed=123, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     a, b = snapshot(full), snapshot(resumed)
-    assert a.keys() == b.keys() and len(a) > 0
+    assert a.keys() == b.keys()
+    assert len(a) > 0
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [h["val/personalized_acc"] for h in full.history] == [h["val/personalized_acc"] for h in resumed.history]

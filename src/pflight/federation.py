@@ -104,9 +104,7 @@ class Federation(pl.LightningModule):
                 " set one of them, not both."
             )
         if clients_per_round is not None and clients_per_round <= 0:
-            raise ValueError(
-                f"`Federation(clients_per_round={clients_per_round})` must be >= 1 (None: all clients)."
-            )
+            raise ValueError(f"`Federation(clients_per_round={clients_per_round})` must be >= 1 (None: all clients).")
         if client_fraction is not None and not 0.0 < client_fraction <= 1.0:
             raise ValueError(f"`Federation(client_fraction={client_fraction})` must be in (0, 1].")
         if eval_every < 1:
@@ -300,9 +298,7 @@ class Federation(pl.LightningModule):
                 work[k] = self.straggler_work
         return dropped, work
 
-    def train_client(
-        self, client_id: int, round_idx: int, work: float = 1.0
-    ) -> tuple[Message | None, Tensor | None]:
+    def train_client(self, client_id: int, round_idx: int, work: float = 1.0) -> tuple[Message | None, Tensor | None]:
         """Run client ``client_id``'s local training of round ``round_idx``; return (upload, mean loss).
 
         ``work`` < 1 makes the client a straggler that completes only that share of its local steps.

@@ -66,6 +66,4 @@ class PersonalizedAccuracy(Metric):
 
     def per_client(self) -> dict[int, float]:
         """``client_id -> accuracy`` for clients with samples."""
-        return {
-            k: float(self.correct[k]) / float(self.total[k]) for k in range(self.num_clients) if self.total[k] > 0
-        }
+        return {k: float(self.correct[k]) / float(self.total[k]) for k in range(self.num_clients) if self.total[k] > 0}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+import torch  # noqa: F401  (used by the doctests)
 from torch import Tensor, nn
 
 

@@ -1,4 +1,4 @@
-"""The ``federated`` strategy: clients sharded across processes, no DDP gradient synchronization.
+r"""The ``federated`` strategy: clients sharded across processes, no DDP gradient synchronization.
 
 It launches exactly like Lightning's DDP (one process per device or CPU slot; ``torchrun`` and SLURM
 work as for any Lightning run) and uses torch.distributed for collectives, but never wraps the

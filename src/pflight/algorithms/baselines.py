@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (used by the doctests)
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
@@ -133,7 +133,9 @@ class FedAvgFT(FedAvg):
         finetune_epochs: int = 0,
         finetune_lr: float | None = None,
     ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer)
+        super().__init__(
+            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer
+        )
         if finetune_steps < 0 or finetune_epochs < 0:
             raise ValueError(
                 f"`FedAvgFT(finetune_steps={finetune_steps}, finetune_epochs={finetune_epochs})` must be >= 0."
@@ -168,7 +170,9 @@ class FedProx(FedAvg):
         server_optimizer: OptimizerCallable | None = None,
         mu: float = 0.01,
     ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer)
+        super().__init__(
+            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer
+        )
         if mu < 0:
             raise ValueError(f"`FedProx(mu={mu})` must be >= 0.")
         self.mu = mu

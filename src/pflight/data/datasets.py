@@ -80,7 +80,7 @@ class _Torchvision(DataSource):
             how = (
                 "the download failed (is the network reachable?): copy the files there by hand"
                 if self.download
-                else f"pass `--data.dataset.init_args.download true` (needs network) or copy the files there"
+                else "pass `--data.dataset.init_args.download true` (needs network) or copy the files there"
             )
             raise FileNotFoundError(
                 f"`{type(self).__name__}(root={self.root!r}, download={self.download})`: the"

@@ -123,9 +123,7 @@ class PathologicalPartitioner(Partitioner):
 
     def __init__(self, classes_per_client: int = 2) -> None:
         if classes_per_client < 1:
-            raise ValueError(
-                f"`PathologicalPartitioner(classes_per_client={classes_per_client})` must be >= 1."
-            )
+            raise ValueError(f"`PathologicalPartitioner(classes_per_client={classes_per_client})` must be >= 1.")
         self.classes_per_client = classes_per_client
 
     def partition(self, labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
