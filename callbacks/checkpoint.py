@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
 
 class FederationCheckpoint(ModelCheckpoint):
@@ -12,7 +14,9 @@ class FederationCheckpoint(ModelCheckpoint):
     evaluation history into every checkpoint, so ``--ckpt_path last`` resumes a crashed run and
     reproduces the uninterrupted one. Defaults: a fixed folder (``checkpoints/``, so ``last`` is
     found again by the next run), ``last.ckpt`` after every evaluation, and the best round by
-    ``val/personalized_acc``.
+    ``val/personalized_acc``. (Lightning's own ``ModelCheckpoint`` refreshes ``last.ckpt`` only when a
+    top-k checkpoint is written in the same step, so a run whose metric stopped improving would resume
+    from an old round; this class always refreshes it.)
     """
 
     def __init__(
@@ -35,3 +39,14 @@ class FederationCheckpoint(ModelCheckpoint):
             every_n_epochs=every_n_epochs,
             auto_insert_metric_name=False,
         )
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called after each evaluation: top-k as usual, and ``last.ckpt`` whether or not the metric improved."""
+        super().on_validation_end(trainer, pl_module)
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -10,7 +10,7 @@ import numpy as np
 
 
 def write_idx_mnist(
-    root: str | Path, folder: str = "MNIST", n_train: int = 3000, n_test: int = 500, seed: int = 0
+    root: str | Path, folder: str = "MNIST", n_train: int = 700, n_test: int = 100, seed: int = 0
 ) -> Path:
     """torchvision's raw layout: <root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
     rng = np.random.default_rng(seed)
@@ -26,7 +26,7 @@ def write_idx_mnist(
     return Path(root)
 
 
-def write_cifar(root: str | Path, classes: int = 10, per_batch: int = 500, seed: int = 0) -> Path:
+def write_cifar(root: str | Path, classes: int = 10, per_batch: int = 120, seed: int = 0) -> Path:
     """The python pickles of CIFAR-10 (cifar-10-batches-py) or CIFAR-100 (cifar-100-python)."""
     rng = np.random.default_rng(seed)
     if classes == 10:

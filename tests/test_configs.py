@@ -45,7 +45,7 @@ def test_config_runs_one_round(path, tmp_path, monkeypatch):
     assert first.startswith("# pflight "), f"{path} must start with the command that runs it"
     raw = yaml.safe_load(path.read_text())
     root = tmp_path / "data"
-    needs = _datasets(raw.get("data", {}))
+    needs = _datasets(raw)
     if "MNIST" in needs:
         write_idx_mnist(root, "MNIST")
     if "FashionMNIST" in needs:

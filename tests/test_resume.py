@@ -1,3 +1,4 @@
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -37,3 +38,19 @@ def test_resume_after_round_2_of_4_equals_uninterrupted(tmp_path, algo):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [h["val/personalized_acc"] for h in full.history] == [h["val/personalized_acc"] for h in resumed.history]
+
+
+class _Crash(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise RuntimeError("simulated crash")
+
+
+def test_last_checkpoint_follows_every_evaluation(tmp_path):
+    """After a crash in round 3, `last.ckpt` holds round 2 even though no top-k checkpoint was ever written."""
+    data = FederatedDataModule("digits", num_clients=4, seed=0)
+    callback = FederationCheckpoint(dirpath=str(tmp_path), save_top_k=0)
+    trainer = make_trainer(4, enable_checkpointing=True, callbacks=[callback, _Crash()])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(Federation(FedAvg(MLP(hidden=[8]))), datamodule=data)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 1

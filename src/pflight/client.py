@@ -63,6 +63,7 @@ class ClientContext:
         device: where the client computes.
         public: the data module's public pool ``(x, y)`` (None without ``public_fraction``); only
             algorithms with a public data set (FedMD) read it.
+        seed: the data module's seed (for client-side splits that must differ between seeds).
     """
 
     client_id: int
@@ -74,6 +75,7 @@ class ClientContext:
     new_client: bool = False
     device: torch.device = torch.device("cpu")
     public: tuple[Tensor, Tensor] | None = None
+    seed: int = 0
 
     def batches(
         self, split: str = "train", epochs: int = 1, steps: int | None = None, shuffle: bool = True
@@ -234,14 +236,17 @@ class ClientModule(pl.LightningModule):
         return correct, total, loss
 
     def fine_tune(self, steps: int = 0, epochs: int = 0, lr: float | None = None) -> None:
-        """SGD on the train split (``steps`` batches, or ``epochs`` passes) in float32 train mode."""
+        """SGD on the train split (``steps`` batches, or ``epochs`` passes) in float32, train mode.
+
+        Autocast is switched off: under mixed precision the adaptation still runs in float32.
+        """
         assert self.context is not None
         if steps <= 0 and epochs <= 0:
             return
         opt = torch.optim.SGD(self.net.parameters(), lr=lr if lr is not None else self.lr)
         was_training = self.training
         self.net.train()
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(self.context.device.type, enabled=False):
             for x, y in self.context.batches("train", epochs=max(epochs, 1), steps=steps if steps > 0 else None):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(self.net(x).float(), y).backward()

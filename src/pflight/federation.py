@@ -225,6 +225,7 @@ class Federation(pl.LightningModule):
             new_client=client_id in dm.new_clients,
             device=self.device,
             public=dm.public,
+            seed=dm.seed,
         )
 
     @contextmanager

@@ -1,5 +1,23 @@
 """Federated algorithms: one module per family, each defining its client (and server rule)."""
 
 from pflight.algorithms.baselines import FedAvg, FedAvgFT, FedProx, LocalOnly
+from pflight.algorithms.distillation import EWCAdaptation, FreezeBaseAdaptation, KDAdaptation, LocalAdaptation
+from pflight.algorithms.fedmd import FedMD
+from pflight.algorithms.meta import MAML, MetaSGD, PerFedAvg, PersonalizedFedAvg, Reptile
 
-__all__ = ["FedAvg", "FedAvgFT", "FedProx", "LocalOnly"]
+__all__ = [
+    "MAML",
+    "EWCAdaptation",
+    "FedAvg",
+    "FedAvgFT",
+    "FedMD",
+    "FedProx",
+    "FreezeBaseAdaptation",
+    "KDAdaptation",
+    "LocalAdaptation",
+    "LocalOnly",
+    "MetaSGD",
+    "PerFedAvg",
+    "PersonalizedFedAvg",
+    "Reptile",
+]
