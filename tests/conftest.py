@@ -23,6 +23,7 @@ def _isolate(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test models are tiny: one thread is faster and never oversubscribes
     state = torch.random.get_rng_state()
     yield
     torch.set_num_threads(threads)

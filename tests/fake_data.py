@@ -26,7 +26,7 @@ def write_idx_mnist(
     return Path(root)
 
 
-def write_cifar(root: str | Path, classes: int = 10, per_batch: int = 120, seed: int = 0) -> Path:
+def write_cifar(root: str | Path, classes: int = 10, per_batch: int = 300, seed: int = 0) -> Path:
     """The python pickles of CIFAR-10 (cifar-10-batches-py) or CIFAR-100 (cifar-100-python)."""
     rng = np.random.default_rng(seed)
     if classes == 10:

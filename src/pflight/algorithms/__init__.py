@@ -3,7 +3,9 @@
 from pflight.algorithms.baselines import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.distillation import EWCAdaptation, FreezeBaseAdaptation, KDAdaptation, LocalAdaptation
 from pflight.algorithms.fedmd import FedMD
+from pflight.algorithms.fedora import Fedora
 from pflight.algorithms.meta import MAML, MetaSGD, PerFedAvg, PersonalizedFedAvg, Reptile
+from pflight.algorithms.pfedhn import PFedHN, PFedHNPC
 
 __all__ = [
     "MAML",
@@ -11,12 +13,15 @@ __all__ = [
     "FedAvg",
     "FedAvgFT",
     "FedMD",
+    "Fedora",
     "FedProx",
     "FreezeBaseAdaptation",
     "KDAdaptation",
     "LocalAdaptation",
     "LocalOnly",
     "MetaSGD",
+    "PFedHN",
+    "PFedHNPC",
     "PerFedAvg",
     "PersonalizedFedAvg",
     "Reptile",

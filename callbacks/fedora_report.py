@@ -1,0 +1,124 @@
+"""FEDORA in Weights & Biases: the propagation matrix once, and each round's lambda_k histogram."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from typing_extensions import override
+
+
+def matrix_image(matrix: Tensor, min_pixels: int = 256) -> np.ndarray:
+    """A grayscale ``uint8`` heat map of a non-negative matrix (white = its largest entry), cells upscaled.
+
+    >>> import torch
+    >>> matrix_image(torch.tensor([[0.0, 1.0], [0.5, 0.0]]), min_pixels=2).tolist()
+    [[0, 255], [128, 0]]
+    """
+    m = matrix.detach().double().cpu().numpy()
+    top = float(m.max()) if m.size and float(m.max()) > 0 else 1.0
+    pixels = np.rint(255.0 * np.clip(m / top, 0.0, 1.0)).astype(np.uint8)
+    scale = max(1, -(-min_pixels // max(m.shape)))  # ceil: cells of `scale` x `scale` pixels
+    return np.kron(pixels, np.ones((scale, scale), dtype=np.uint8))
+
+
+def matrix_rows(matrix: Tensor, client_ids: Sequence[int]) -> list[list[Any]]:
+    """``[client, source, weight]`` for every non-zero entry of a client-by-client matrix.
+
+    >>> import torch
+    >>> matrix_rows(torch.tensor([[0.8, 0.2], [0.0, 1.0]]), [3, 7])
+    [[3, 3, 0.8], [3, 7, 0.2], [7, 7, 1.0]]
+    """
+    m = matrix.detach().double().cpu()
+    return [
+        [int(client_ids[i]), int(client_ids[j]), round(float(m[i, j]), 6)]
+        for i in range(m.shape[0])
+        for j in range(m.shape[1])
+        if float(m[i, j]) != 0.0
+    ]
+
+
+def lambdas(round_metrics: Mapping[int, Mapping[str, float]], key: str = "lambda") -> list[float]:
+    """The ``key`` value of every client that reported it this round, by client id.
+
+    >>> lambdas({4: {"lambda": 0.0}, 1: {"lambda": 1.5}, 2: {"loss": 0.3}})
+    [1.5, 0.0]
+    """
+    return [float(round_metrics[k][key]) for k in sorted(round_metrics) if key in round_metrics[k]]
+
+
+class FedoraReport(Callback):
+    """Log FEDORA's propagation matrix once and each round's lambda_k to every W&B logger of the Trainer.
+
+    ``P`` goes to ``fedora/propagation`` (a heat-map image) and ``fedora/propagation_table`` (client,
+    source, weight), at the start of training; lambda_k of the clients that trained goes to
+    ``train/lambda_hist`` after each round (the federation already logs the mean as ``train/lambda``).
+    Without a W&B logger, or with a server that has no ``propagation`` matrix, it does nothing.
+
+    Args:
+        key: the upload metric holding lambda_k.
+        every_n_rounds: log the histogram every this many rounds.
+    """
+
+    def __init__(self, key: str = "lambda", every_n_rounds: int = 1) -> None:
+        if every_n_rounds < 1:
+            raise ValueError(f"`FedoraReport(every_n_rounds={every_n_rounds})` must be >= 1.")
+        self.key = key
+        self.every_n_rounds = every_n_rounds
+        self._matrix_logged = False
+
+    @staticmethod
+    def _loggers(trainer: pl.Trainer) -> list[WandbLogger]:
+        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called when training starts: log the propagation matrix (once per run)."""
+        server = getattr(pl_module, "server", None)
+        matrix = getattr(server, "propagation", None)
+        loggers = self._loggers(trainer)
+        if self._matrix_logged or not loggers or not isinstance(matrix, Tensor) or matrix.numel() == 0:
+            return
+        import wandb
+
+        ids = list(getattr(server, "client_ids", range(matrix.shape[0])))
+        payload = {
+            "fedora/propagation": wandb.Image(matrix_image(matrix), caption="P = (1 - alpha)(I - alpha A_hat)^-1"),
+            "fedora/propagation_table": wandb.Table(
+                columns=["client", "source", "weight"], data=matrix_rows(matrix, ids)
+            ),
+        }
+        for lg in loggers:
+            lg.experiment.log(payload)
+        self._matrix_logged = True
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called after each round: log the lambda_k of the clients that trained."""
+        loggers = self._loggers(trainer)
+        if not loggers or (trainer.current_epoch + 1) % self.every_n_rounds != 0:
+            return
+        metrics = getattr(pl_module, "last_round_metrics", {})
+        values = lambdas(metrics, self.key)
+        if not values:
+            return
+        import wandb
+
+        payload = {"train/lambda_hist": wandb.Histogram(values), "trainer/global_step": trainer.global_step}
+        for lg in loggers:
+            lg.experiment.log(payload)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Whether the matrix was logged (not again on resume)."""
+        return {"matrix_logged": self._matrix_logged}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called on resume."""
+        self._matrix_logged = bool(state_dict.get("matrix_logged", False))

@@ -1,0 +1,237 @@
+"""The vectorized executor against the sequential one (the oracle): same weights, same state, same uploads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from pflight import Federation
+from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
+from pflight.algorithms.fedora import Fedora
+from pflight.algorithms.meta import MAML, MetaSGD, PerFedAvg, PersonalizedFedAvg, Reptile
+from pflight.client import ClientModule
+from pflight.data import DirichletPartitioner, FederatedDataModule
+from pflight.data.datamodule import ClientData
+from pflight.models import CNN, MLP
+from pflight.vectorized import VectorizedAlgorithm, plan_batches, register, sgd_update_
+from tests.conftest import run_federation
+
+BATCH = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """The machine is shared: one intra-op thread (conftest restores the count)."""
+    torch.set_num_threads(1)
+
+
+def ragged_data() -> FederatedDataModule:
+    """6 digits clients whose train splits need 4 to 11 batches of 32, the last batch of 1 to 29 samples."""
+    data = FederatedDataModule(
+        "digits", num_clients=6, batch_size=BATCH, partitioner=DirichletPartitioner(0.5, min_size=10), seed=0
+    )
+    data.setup()
+    sizes = [data.client_data(k).num_samples("train") for k in data.train_clients]
+    assert len({-(-n // BATCH) for n in sizes}) > 2, sizes  # clients take different numbers of steps
+    assert all(n % BATCH for n in sizes), sizes  # and every one ends its epoch on a ragged batch
+    return data
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP(hidden=[16])
+
+
+def run_both(make: Callable[[nn.Module], ClientModule], rounds: int = 2) -> tuple[Federation, Federation]:
+    """The same federation run by each executor (evaluation off)."""
+    feds = []
+    for executor in ("sequential", "vectorized"):
+        feds.append(
+            run_federation(
+                make(small_net()), ragged_data(), rounds, federation_kwargs={"executor": executor}, limit_val_batches=0
+            )
+        )
+    return feds[0], feds[1]
+
+
+def assert_same_tensors(a: object, b: object) -> None:
+    """Nested dicts/lists of tensors are equal up to float summation order."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple))
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_tensors(x, y)
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(b, a)
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    else:
+        assert a == b
+
+
+ALGORITHMS = {
+    "fedavg-momentum-wd-2-epochs": lambda n: FedAvg(n, lr=0.05, momentum=0.9, weight_decay=1e-3, local_epochs=2),
+    "fedavg-nesterov-7-steps": lambda n: FedAvg(
+        n,
+        lr=0.05,
+        momentum=0.5,
+        local_steps=7,
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.5, nesterov=True),
+    ),
+    "fedavgft": lambda n: FedAvgFT(n, lr=0.1),
+    "fedprox": lambda n: FedProx(n, lr=0.1, mu=0.5),
+    "local-only": lambda n: LocalOnly(n, lr=0.1),
+    "perfedavg-hf": lambda n: PerFedAvg(n, lr=0.05, variant="hf"),
+    "perfedavg-maml": lambda n: PerFedAvg(n, lr=0.05, variant="maml"),
+    "perfedavg-fo": lambda n: PerFedAvg(n, lr=0.05, variant="fo"),
+    "perfedavg-maml-inner": lambda n: PerFedAvg(n, lr=0.05, variant="maml", hessian_batch="inner"),
+    "maml-2-inner-3-meta-steps": lambda n: MAML(n, inner_steps=2, local_steps=3),
+    "fomaml-1-epoch": lambda n: MAML(n, first_order=True, local_steps=None),
+    "reptile": lambda n: Reptile(n, lr=0.1, epsilon=0.5),
+    "fedora": lambda n: Fedora(n, lr=0.05, local_epochs=2),
+}
+
+
+@pytest.mark.parametrize("make", list(ALGORITHMS.values()), ids=list(ALGORITHMS))
+def test_vectorized_equals_sequential(make: Callable[[nn.Module], ClientModule]) -> None:
+    """Vectorized training gives the sequential executor's server state, client store, uploads' metrics and loss,
+    with clients of different numbers of batches and ragged last batches, over two rounds."""
+    seq, vec = run_both(make)
+    assert vec._fallback_reason is None
+    server_a, server_b = seq.server.state_dict(), vec.server.state_dict()
+    assert_same_tensors(server_a, server_b)
+    assert list(seq.store) == list(vec.store)
+    for k in seq.store:
+        assert_same_tensors(seq.store.get(k), vec.store.get(k))
+    assert_same_tensors(seq.last_round_metrics, vec.last_round_metrics)
+    loss_a, loss_b = seq.trainer.callback_metrics["train/loss"], vec.trainer.callback_metrics["train/loss"]
+    torch.testing.assert_close(loss_b, loss_a)
+
+
+@pytest.mark.parametrize("make", [ALGORITHMS["fedavgft"], ALGORITHMS["fedora"]], ids=["fedavgft", "fedora"])
+def test_evaluation_after_vectorized_rounds_is_unchanged(make: Callable[[nn.Module], ClientModule]) -> None:
+    """Personalized evaluation after vectorized training reports what it reports after sequential training."""
+    feds = [
+        run_federation(make(small_net()), ragged_data(), 1, federation_kwargs={"executor": executor})
+        for executor in ("sequential", "vectorized")
+    ]
+    (seq_eval,), (vec_eval,) = ([h for h in f.history if h["stage"] == "val"] for f in feds)
+    for name, value in seq_eval.items():
+        if isinstance(value, float) and not name.endswith("_s"):  # timings differ
+            assert vec_eval[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_fedora_pull_is_exercised() -> None:
+    """The FEDORA case above pulls: every client has lambda = 1 in round 1 (personal = received = theta_0)."""
+    vec = run_federation(
+        Fedora(small_net(), lr=0.05, local_epochs=1),
+        ragged_data(),
+        1,
+        federation_kwargs={"executor": "vectorized"},
+        limit_val_batches=0,
+    )
+    assert vec._fallback_reason is None
+    assert {m["lambda"] for m in vec.last_round_metrics.values()} == {1.0}
+
+
+def test_batchnorm_falls_back_to_sequential() -> None:
+    """A BatchNorm CNN is trained by the sequential executor, with the reason kept, and gives its exact result."""
+
+    def make() -> ClientModule:
+        torch.manual_seed(0)
+        return FedAvg(CNN(channels=[4], hidden=[8], norm="batch"), lr=0.1)
+
+    seq = run_federation(make(), ragged_data(), 1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match="falls back to sequential"):
+        vec = run_federation(
+            make(), ragged_data(), 1, federation_kwargs={"executor": "vectorized"}, limit_val_batches=0
+        )
+    assert "running statistics" in vec._fallback_reason
+    for name, value in seq.server.global_state.items():
+        assert torch.equal(vec.server.global_state[name], value), name
+
+
+class _Unregistered(FedAvg):
+    """A FedAvg subclass: it may override anything, so it is not served until registered."""
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda n: _Unregistered(n), "has no vectorized implementation"),
+        (lambda n: MetaSGD(n), "has no vectorized implementation"),
+        (lambda n: PersonalizedFedAvg(n), "has no vectorized implementation"),
+        (lambda n: Reptile(n, persist_optimizer_state=True), "persist_optimizer_state"),
+        (lambda n: FedAvg(n, optimizer=partial(torch.optim.Adam, lr=1e-3)), "Adam"),
+        (lambda n: FedAvg(nn.Sequential(n, nn.Dropout(0.1))), "dropout"),
+    ],
+    ids=["subclass", "metasgd", "personalized-fedavg", "reptile-persistent", "adam", "dropout"],
+)
+def test_unsupported_clients_fall_back_with_a_reason(make: Callable[[nn.Module], ClientModule], reason: str) -> None:
+    """Clients the executor cannot serve are trained sequentially; the logged reason names the cause."""
+    vec = run_federation(
+        make(small_net()), ragged_data(), 1, federation_kwargs={"executor": "vectorized"}, limit_val_batches=0
+    )
+    assert reason in vec._fallback_reason
+
+
+def test_registered_subclass_is_vectorized() -> None:
+    """`register` serves a client class with an existing algorithm (here FedAvg's)."""
+
+    class Registered(FedAvg):
+        pass
+
+    register(Registered, VectorizedAlgorithm())
+    seq, vec = run_both(lambda n: Registered(n, lr=0.1), rounds=1)
+    assert vec._fallback_reason is None
+    assert_same_tensors(seq.server.global_state, vec.server.global_state)
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "epochs", "steps"),
+    [(37, 16, 1, None), (37, 16, 3, None), (37, 16, 1, 7), (5, 16, 2, None), (32, 16, 1, 2)],
+    ids=["ragged", "3-epochs", "steps-across-passes", "smaller-than-batch", "steps-within-pass"],
+)
+def test_plan_batches_follows_client_data(n: int, batch_size: int, epochs: int, steps: int | None) -> None:
+    """The index plan is the sequence of samples `ClientData.batches` yields, from the same seeded generator."""
+    idx = torch.arange(n)
+    data = ClientData(0, (idx, idx), (idx[:0], idx[:0]), (idx[:0], idx[:0]))
+    batches = data.batches("train", batch_size, torch.Generator().manual_seed(3), epochs, steps)
+    expected = [x.tolist() for x, _ in batches]
+    plan = plan_batches(n, batch_size, torch.Generator().manual_seed(3), epochs, steps)
+    assert [b.tolist() for b in plan] == expected
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        {"momentum": 0.0, "weight_decay": 0.0},
+        {"momentum": 0.9, "weight_decay": 1e-2, "dampening": 0.2},
+        {"momentum": 0.9, "nesterov": True},
+        {"momentum": 0.5, "maximize": True},
+    ],
+    ids=["plain", "momentum-wd-dampening", "nesterov", "maximize"],
+)
+def test_sgd_update_matches_torch_sgd_per_client(hyper: dict) -> None:
+    """Stacked updates equal one `torch.optim.SGD` per client (fresh state), step after step."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 4, 2, generator=g)
+    refs = [nn.Parameter(start[c].clone()) for c in range(3)]
+    opts = [torch.optim.SGD([p], lr=0.1, **hyper) for p in refs]
+    stacked, buffers = start.clone(), torch.zeros_like(start)
+    for step in range(4):
+        grads = torch.randn(3, 4, 2, generator=g)
+        for c in range(3):
+            refs[c].grad = grads[c].clone()
+            opts[c].step()
+        sgd_update_([stacked], [grads], [buffers], lr=0.1, first_step=step == 0, **hyper)
+        torch.testing.assert_close(stacked, torch.stack([p.detach() for p in refs]))
