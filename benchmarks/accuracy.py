@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROUNDS = 40
+ROUNDS = 30
 BUDGET = 8
 EVAL_EVERY = 5
 
@@ -50,9 +50,13 @@ class Algo:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     federation: dict[str, Any] = field(default_factory=dict)
     steps_arg: str | None = "local_steps"  # the constructor argument that sets local steps
+    net_arg: str = "net"  # "nets" for heterogeneous clients (FedMD)
 
 
 LR = {"lr": [0.05, 0.2]}
+META = {"inner_lr": [0.1, 0.3], "meta_lr": [0.01]}
+PERFEDAVG = {"lr": [0.05, 0.1], "alpha": [0.1]}
+HN = {"server_lr": [0.01, 0.05], "lr": [0.05]}
 ALGOS: list[Algo] = [
     Algo("local", "pflight.algorithms.LocalOnly", grid=LR),
     Algo("fedavg", "pflight.algorithms.FedAvg", grid=LR),
@@ -60,9 +64,30 @@ ALGOS: list[Algo] = [
         "fedavg_ft",
         "pflight.algorithms.FedAvgFT",
         fixed={"finetune_steps": 5},
-        grid={**LR, "finetune_lr": [0.02, 0.05]},
+        grid={"lr": [0.1], "finetune_lr": [0.02, 0.05]},
     ),
-    Algo("fedprox", "pflight.algorithms.FedProx", grid={**LR, "mu": [0.01, 0.1]}),
+    Algo("fedprox", "pflight.algorithms.FedProx", grid={"lr": [0.1], "mu": [0.01, 0.1]}),
+    Algo("maml", "pflight.algorithms.MAML", cost=3, grid=META),
+    Algo("fomaml", "pflight.algorithms.MAML", cost=2, fixed={"first_order": True}, grid=META),
+    Algo("metasgd", "pflight.algorithms.MetaSGD", cost=3, grid=META),
+    Algo("perfedavg_fo", "pflight.algorithms.PerFedAvg", cost=2, fixed={"variant": "fo"}, grid=PERFEDAVG),
+    Algo("perfedavg_hf", "pflight.algorithms.PerFedAvg", cost=4, fixed={"variant": "hf"}, grid=PERFEDAVG),
+    Algo("perfedavg_maml", "pflight.algorithms.PerFedAvg", cost=3, fixed={"variant": "maml"}, grid=PERFEDAVG),
+    Algo("reptile", "pflight.algorithms.Reptile", fixed={"finetune_steps": 5, "finetune_lr": 0.05}, grid=LR),
+    Algo(
+        "pfedavg", "pflight.algorithms.PersonalizedFedAvg", fixed={"finetune_epochs": 2, "finetune_lr": 0.02}, grid=LR
+    ),
+    Algo("kd", "pflight.algorithms.KDAdaptation", grid=LR),
+    Algo(
+        "fedmd",
+        "pflight.algorithms.FedMD",
+        net_arg="nets",
+        fixed={"subset_size": 150, "transfer_public_epochs": 5, "transfer_private_epochs": 5},
+        grid=LR,
+    ),
+    Algo("fedora", "pflight.algorithms.Fedora", grid={"lr": [0.01, 0.05]}),
+    Algo("pfedhn", "pflight.algorithms.PFedHN", grid=HN),
+    Algo("pfedhn_pc", "pflight.algorithms.PFedHNPC", grid=HN),
 ]
 
 SCENARIOS = ["digits_dir0.1", "digits_dir0.5", "digits_path2", "rotated_digits", "synthetic"]
@@ -92,11 +117,13 @@ def scenario_data(name: str, seed: int) -> Any:
     raise ValueError(f"unknown scenario {name!r}: use one of {SCENARIOS}")
 
 
-def make_net(scenario: str) -> Any:
-    """The shared target network: an MLP with one hidden layer of 64 units."""
+def make_net(scenario: str, heterogeneous: bool = False) -> Any:
+    """The shared target network: an MLP with one hidden layer of 64 units (FedMD: three widths)."""
     from pflight.models import MLP
 
     shape = [60] if scenario == "synthetic" else [1, 8, 8]
+    if heterogeneous:
+        return [MLP(input_shape=shape, hidden=h, num_classes=10) for h in ([32], [64], [64, 32])]
     return MLP(input_shape=shape, hidden=[64], num_classes=10)
 
 
@@ -118,7 +145,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     kwargs = {**algo.fixed, **job["hparams"]}
     if algo.steps_arg is not None:
         kwargs.setdefault(algo.steps_arg, max(1, BUDGET // algo.cost))
-    client = _import(algo.class_path)(net=make_net(job["scenario"]), **kwargs)
+    if algo.name == "pfedavg":  # stage 2 (Reptile) for the second half of the rounds
+        kwargs.setdefault("switch_round", job["rounds"] // 2)
+        kwargs.setdefault("reptile_steps", kwargs["local_steps"])
+    nets = make_net(job["scenario"], heterogeneous=algo.net_arg == "nets")
+    client = _import(algo.class_path)(**{algo.net_arg: nets}, **kwargs)
     data = scenario_data(job["scenario"], job["seed"])
     every = EVAL_EVERY if job["rounds"] % EVAL_EVERY == 0 else job["rounds"]
     fed = Federation(client, eval_every=every, **algo.federation)
@@ -340,7 +371,8 @@ def main() -> None:
     scenarios = args.scenarios.split(",") if args.scenarios else SCENARIOS
     seeds = [0, 1, 2]
     if args.quick:
-        ROUNDS, chosen, scenarios, seeds = 3, ["local", "fedavg"], scenarios[:1], [0]
+        ROUNDS, scenarios, seeds = 3, scenarios[:1], [0]
+        chosen = chosen if args.only else ["local", "fedavg"]
     for name in chosen:
         if name not in names:
             raise SystemExit(f"--only: unknown algorithm {name!r}; known: {names}")
