@@ -28,8 +28,9 @@ except ImportError:  # Windows
 
 CHECKPOINT_KEY = "pflight"
 
-# stream purposes: independent generators per (seed, round, client, purpose)
-_TRAIN, _EVAL, _SAMPLE, _FAULT = 0, 1, 2, 3
+# stream purposes: independent generators per (seed, round, client, purpose); executors that
+# reproduce local training (pflight.vectorized) use TRAIN_STREAM for the same batch order
+TRAIN_STREAM, EVAL_STREAM, _SAMPLE, _FAULT = 0, 1, 2, 3
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -262,7 +263,8 @@ class Federation(pl.LightningModule):
         per_epoch = math.ceil(ctx.data.num_samples("train") / ctx.batch_size)
         return max(1, math.ceil(per_epoch * client.local_epochs / client.batches_per_step))
 
-    def _local_batches(self, ctx: ClientContext, work: float = 1.0) -> Iterator[Any]:
+    def local_batches(self, ctx: ClientContext, work: float = 1.0) -> Iterator[Any]:
+        """The local batches (or tuples of ``batches_per_step`` batches) of one client's round."""
         client = self.client
         n = client.batches_per_step
         if n == 1 and work >= 1.0:
@@ -305,17 +307,17 @@ class Federation(pl.LightningModule):
         ``work`` < 1 makes the client a straggler that completes only that share of its local steps.
         """
         client = self.client
-        ctx = self.context(client_id, round_idx, "train", _TRAIN)
+        ctx = self.context(client_id, round_idx, "train", TRAIN_STREAM)
         client.context = ctx
         client.receive(self.server.message_for(client_id))
         client.load_client_state(self.store.get(client_id, self.device))
         client.zero_grad(set_to_none=True)
         opts = self._reset_optimizers()
-        with self._seeded(round_idx, client_id, _TRAIN):
+        with self._seeded(round_idx, client_id, TRAIN_STREAM):
             client.on_local_train_start()
             total: Tensor | None = None
             steps = 0
-            for batch_idx, batch in enumerate(self._local_batches(ctx, work)):
+            for batch_idx, batch in enumerate(self.local_batches(ctx, work)):
                 out = client.training_step(batch, batch_idx)
                 loss = out["loss"] if isinstance(out, dict) else out
                 self.manual_backward(loss)
@@ -382,9 +384,6 @@ class Federation(pl.LightningModule):
         aggregate_s = time.perf_counter() - agg_start
         elapsed = time.perf_counter() - start
         self.last_round_metrics = {k: dict(m.metrics) for k, m in uploads.items() if m.metrics}
-        for name in sorted({n for m in self.last_round_metrics.values() for n in m}):
-            values = [m[name] for m in self.last_round_metrics.values() if name in m]
-            self.log(f"train/{name}", sum(values) / len(values), on_epoch=True, on_step=False, batch_size=1)
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         stats = torch.tensor([float(loss_sum), float(len(losses))], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
@@ -402,8 +401,10 @@ class Federation(pl.LightningModule):
         }
         if stats[1] > 0:
             log["train/loss"] = float(stats[0] / stats[1])
-        for name, value in log.items():
-            self.log(name, value, on_epoch=True, on_step=False, batch_size=1)
+        for name in sorted({n for m in self.last_round_metrics.values() for n in m}):
+            values = [m[name] for m in self.last_round_metrics.values() if name in m]
+            log[f"train/{name}"] = sum(values) / len(values)
+        self.log_dict(log, on_epoch=True, on_step=False, batch_size=1)
 
     def gather_uploads(self, uploads: dict[int, Message]) -> dict[int, Message]:
         """Collect every process's uploads (identity in a single process), sorted by client id."""
@@ -453,7 +454,7 @@ class Federation(pl.LightningModule):
         loss_sum, loss_n = 0.0, 0
         client = self.client
         for k in self.shard(client_ids):
-            ctx = self.context(k, round_idx, stage, _EVAL)
+            ctx = self.context(k, round_idx, stage, EVAL_STREAM)
             client.context = ctx
             global_message = self.server.global_message()
             if global_message is not None and not ctx.new_client:
@@ -462,7 +463,7 @@ class Federation(pl.LightningModule):
                 glob.update(k, c, t)
             client.receive(self.server.message_for(k))
             client.load_client_state(None if ctx.new_client else self.store.get(k, self.device))
-            with self._seeded(round_idx, k, _EVAL), torch.enable_grad():
+            with self._seeded(round_idx, k, EVAL_STREAM), torch.enable_grad():
                 client.personalize()
             c, t, loss = client.evaluate(stage)
             (new if ctx.new_client else seen).update(k, c, t)
@@ -493,8 +494,7 @@ class Federation(pl.LightningModule):
             out[f"{stage}/new_clients_acc"] = n["mean"]
             out[f"{stage}/new_clients_acc_weighted"] = n["weighted"]
         out[f"{stage}/eval_s"] = time.perf_counter() - eval_start
-        for name, value in out.items():
-            self.log(name, value, on_epoch=True, on_step=False, batch_size=1)
+        self.log_dict(out, on_epoch=True, on_step=False, batch_size=1)
         self.last_evaluation = {
             "personalized": seen.per_client(),
             "new": new.per_client(),

@@ -40,7 +40,7 @@ from typing_extensions import override
 
 from pflight.client import ClientContext, ClientModule, float_state, load_float_state
 from pflight.data.datamodule import ClientData, FederatedDataModule
-from pflight.federation import _TRAIN  # the generator purpose of local training: the same batch order
+from pflight.federation import TRAIN_STREAM  # the generator purpose of local training: the same batch order
 from pflight.messages import Message
 
 if TYPE_CHECKING:
@@ -360,7 +360,7 @@ class VectorizedAlgorithm:
                 (b,) for b in plan_batches(n, ctx.batch_size, ctx.generator, client.local_epochs, client.local_steps)
             ]
         steps: Plan = []
-        for batch in federation._local_batches(_index_context(ctx)):
+        for batch in federation.local_batches(_index_context(ctx)):
             group = batch if client.batches_per_step > 1 else (batch,)
             steps.append(tuple(x for x, _ in group))
         return steps
@@ -600,7 +600,7 @@ class MAMLAlgorithm(VectorizedAlgorithm):
         client.context = index_ctx  # meta_batches draws from the same generator, between the stream's batches
         try:
             steps: Plan = []
-            for _ in federation._local_batches(index_ctx):
+            for _ in federation.local_batches(index_ctx):
                 (support, _), (query, _) = client.meta_batches()
                 steps.append((support, query))
         finally:
@@ -840,7 +840,7 @@ def train_clients(
     algorithm = _builtin()[type(federation.client)]
     client = federation.client
     server = federation.server
-    contexts = [federation.context(k, round_idx, "train", _TRAIN) for k in client_ids]
+    contexts = [federation.context(k, round_idx, "train", TRAIN_STREAM) for k in client_ids]
     plans = [algorithm.plan(federation, ctx) for ctx in contexts]
     for k, plan in zip(client_ids, plans, strict=True):
         if not plan:
