@@ -275,11 +275,20 @@ def write_report(results: list[dict[str, Any]], out: Path, seconds: float, comma
             )
         lines.append("")
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-        for name in algos:
+        colors = plt.get_cmap("tab20").colors
+        for i, name in enumerate(algos):
             seed0 = [r for r in final if r["scenario"] == scen and r["algo"] == name and r["seed"] == 0]
             if seed0:
                 rounds, accs = zip(*seed0[0]["val_curve"], strict=True)
-                axes[0].plot(rounds, accs, marker="o", ms=3, label=name)
+                axes[0].plot(
+                    rounds,
+                    accs,
+                    marker="osv^D<>ph*"[i % 10],
+                    ms=3,
+                    color=colors[i % 20],
+                    linestyle="-" if i < 10 else "--",
+                    label=name,
+                )
         axes[0].set(title=f"{scen}: validation personalized accuracy (seed 0)", xlabel="round", ylabel="accuracy")
         axes[0].legend(fontsize=7, ncol=2)
         data = [
@@ -364,6 +373,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--out", default="")
     parser.add_argument("--no-jiang", action="store_true")
+    parser.add_argument("--replot", default="", help="a results folder: rewrite its table and plots from results.json")
     args = parser.parse_args()
     global ROUNDS
     names = [a.name for a in ALGOS]
@@ -379,6 +389,18 @@ def main() -> None:
     if "local" not in chosen:
         chosen = ["local", *chosen]  # the reference for negative transfer
     out = Path(args.out or Path(__file__).parent / "results" / dt.date.today().isoformat())
+    if args.replot:  # regenerate table and plots from a finished run's results.json (no training)
+        out = Path(args.replot)
+        old = (out / "results.md").read_text()
+        header = next(line for line in old.splitlines() if line.startswith("Command: "))
+        minutes = float(header.split("; ")[1].split(" minutes")[0])
+        command = header.split("`")[1]
+        write_report(json.loads((out / "results.json").read_text()), out, 60 * minutes, command)
+        if "## Replication" in old:
+            with open(out / "results.md", "a") as f:
+                f.write(old[old.index("## Replication") :])
+        print((out / "results.md").read_text())
+        return
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # 1) selection on seed 0, validation only
