@@ -380,7 +380,8 @@ class Federation(pl.LightningModule):
         if not uploads and self.server.global_message() is not None:
             rank_zero_warn(f"round {round_idx}: no client reported; the server keeps the previous model.")
         agg_start = time.perf_counter()
-        self.server.update(uploads, round_idx)
+        with torch.autocast(self.device.type, enabled=False):  # server math in full precision
+            self.server.update(uploads, round_idx)
         aggregate_s = time.perf_counter() - agg_start
         elapsed = time.perf_counter() - start
         self.last_round_metrics = {k: dict(m.metrics) for k, m in uploads.items() if m.metrics}

@@ -40,7 +40,8 @@ def aggregation_weights(n_samples: Sequence[int], weighted: bool = True) -> Tens
 def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | Tensor) -> dict[str, Tensor]:
     """``sum_k w_k * state_k`` entry by entry (weights are used as given: normalize them first).
 
-    Accumulates in float64 and returns each entry in its own dtype.
+    Each entry is stacked once across clients and reduced in one product, in float32 at least
+    (float64 entries stay float64) with autocast off, and returned in its own dtype.
 
     >>> a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
     >>> weighted_average([a, b], [0.25, 0.75])["w"].tolist()
@@ -51,9 +52,10 @@ def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[f
     w = torch.as_tensor(weights, dtype=torch.float64)
     out = {}
     for name, ref in states[0].items():
-        stacked = torch.stack([s[name].to(torch.float64) for s in states])  # (clients, ...)
-        mixed = torch.tensordot(w.to(stacked.device), stacked, dims=1)
-        out[name] = mixed.to(ref.dtype)
+        compute = torch.promote_types(ref.dtype, torch.float32)
+        stacked = torch.stack([s[name] for s in states]).to(compute)  # (clients, ...)
+        with torch.autocast(stacked.device.type, enabled=False):  # never a bf16 mix, whatever the caller runs under
+            out[name] = torch.tensordot(w.to(stacked.device, compute), stacked, dims=1).to(ref.dtype)
     return out
 
 
