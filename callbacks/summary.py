@@ -59,7 +59,13 @@ class FederationSummary(Callback):
         rank_zero_info("\n" + format_summary(history, trainer.current_epoch, time.perf_counter() - self._start))
 
     @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called when a test starts: start the clock."""
+        self._start = time.perf_counter()
+
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Called when test ends: print the test table."""
+        """Called when test ends: print the test table with the test's own wall time."""
         history = getattr(pl_module, "history", [])
-        rank_zero_info("\n" + format_summary(history, trainer.current_epoch, 0.0, stage="test"))
+        wall = time.perf_counter() - self._start
+        rank_zero_info("\n" + format_summary(history, trainer.current_epoch, wall, stage="test"))

@@ -371,7 +371,8 @@ class Federation(pl.LightningModule):
         start = time.perf_counter()
         sampled = self.sample_clients(list(self.data.train_clients), round_idx)
         dropped, work = self.faults(sampled, round_idx)
-        active = [k for k in sampled if k not in set(dropped)]
+        gone = set(dropped)
+        active = [k for k in sampled if k not in gone]
         mine = self.shard(active)
         train = self._train_vectorized if self.executor == "vectorized" else self._train_sequential
         uploads, losses = train(mine, round_idx, work)

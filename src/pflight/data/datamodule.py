@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pflight.data.datasets import DataSource, Digits, resolve_source
+from pflight.data.datasets import DataSource, resolve_source
 from pflight.data.partitioners import DirichletPartitioner, Partitioner
 
 SPLITS = ("train", "val", "test")
@@ -143,7 +143,7 @@ class FederatedDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.source = resolve_source(dataset if dataset is not None else Digits())
+        self.source = resolve_source(dataset)
         for name, value in (
             ("val_fraction", val_fraction),
             ("test_fraction", test_fraction),
