@@ -44,8 +44,7 @@ def _run(name, precision):
     torch.manual_seed(0)
     client = FAMILIES[name]()
     data = FederatedDataModule("digits", num_clients=6, public_fraction=0.2 if name == "fedmd" else 0.0, seed=0)
-    fed = run_federation(client, data, rounds=1, precision=precision)
-    return fed
+    return run_federation(client, data, rounds=1, precision=precision)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -235,3 +235,94 @@ def test_sgd_update_matches_torch_sgd_per_client(hyper: dict) -> None:
             opts[c].step()
         sgd_update_([stacked], [grads], [buffers], lr=0.1, first_step=step == 0, **hyper)
         torch.testing.assert_close(stacked, torch.stack([p.detach() for p in refs]))
+
+
+@pytest.mark.parametrize(
+    "name", ["fedavgft", "fedprox", "local-only", "fedora", "perfedavg-hf", "maml-2-inner-3-meta-steps"]
+)
+def test_chunks_reproduce_the_sequential_executor(name: str) -> None:
+    """Chunks of 4 clients (a chunk of 4 and one of 2, with different step counts) give the sequential result."""
+    make = ALGORITHMS[name]
+    seq = run_federation(make(small_net()), ragged_data(), 2, limit_val_batches=0)
+    vec = run_federation(
+        make(small_net()),
+        ragged_data(),
+        2,
+        federation_kwargs={"executor": "vectorized", "vectorized_chunk": 4},
+        limit_val_batches=0,
+    )
+    assert vec._fallback_reason is None
+    assert_same_tensors(seq.server.state_dict(), vec.server.state_dict())
+    for k in seq.store:
+        assert_same_tensors(seq.store.get(k), vec.store.get(k))
+    assert_same_tensors(seq.last_round_metrics, vec.last_round_metrics)
+    torch.testing.assert_close(vec.trainer.callback_metrics["train/loss"], seq.trainer.callback_metrics["train/loss"])
+
+
+def test_default_chunk_size() -> None:
+    """All clients at once on an accelerator; on a CPU as many as fill CPU_CHUNK_BYTES; an explicit size wins."""
+    from types import SimpleNamespace
+
+    from pflight.vectorized import CPU_CHUNK_BYTES, chunk_size
+
+    net = small_net()
+    per_client = sum(t.numel() * 4 for t in net.state_dict().values())
+
+    def fed(device: str, chunk: int | None) -> object:
+        return SimpleNamespace(vectorized_chunk=chunk, device=torch.device(device), client=SimpleNamespace(net=net))
+
+    assert chunk_size(fed("cpu", None), 10_000) == CPU_CHUNK_BYTES // per_client  # type: ignore[arg-type]
+    assert chunk_size(fed("cpu", None), 5) == 5  # type: ignore[arg-type]
+    assert chunk_size(fed("cuda", None), 10_000) == 10_000  # type: ignore[arg-type]
+    assert chunk_size(fed("cpu", 7), 10_000) == 7  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [
+        ("fedavgft", True),
+        ("fedprox", True),
+        ("local-only", True),
+        ("reptile", True),
+        ("fedora", True),
+        ("fedavg-momentum-wd-2-epochs", True),
+        ("fedavg-nesterov-7-steps", True),
+        ("perfedavg-hf", False),  # its own step
+    ],
+)
+def test_fused_step_serves_plain_sgd_on_an_mlp(name: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused step runs exactly where it reproduces the algorithm (the equality tests above then cover it)."""
+    from pflight import vectorized
+
+    calls = []
+    real = vectorized.fused_sgd_step_
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(vectorized, "fused_sgd_step_", spy)
+    run_federation(
+        ALGORITHMS[name](small_net()),
+        ragged_data(),
+        1,
+        federation_kwargs={"executor": "vectorized"},
+        limit_val_batches=0,
+    )
+    assert bool(calls) == fused
+
+
+def test_fused_and_generic_steps_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAvg with the fused step and with vmap + autograd (``VectorizedAlgorithm(fused=False)``) agree."""
+    from pflight import vectorized
+
+    vectorized._builtin()
+    fused = run_federation(
+        FedAvg(small_net(), lr=0.1), ragged_data(), 2, federation_kwargs={"executor": "vectorized"}, limit_val_batches=0
+    )
+    monkeypatch.setitem(vectorized._REGISTRY, FedAvg, VectorizedAlgorithm(fused=False))
+    generic = run_federation(
+        FedAvg(small_net(), lr=0.1), ragged_data(), 2, federation_kwargs={"executor": "vectorized"}, limit_val_batches=0
+    )
+    assert_same_tensors(generic.server.global_state, fused.server.global_state)
+    assert not torch.equal(fused.server.global_state["head.weight"], small_net().head.weight)  # it trained

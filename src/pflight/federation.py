@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Iterator
@@ -43,6 +44,32 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return out
 
 
+@contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Exclude every object alive on entry from Python's cyclic garbage collection until exit.
+
+    A round allocates many short-lived tensors, so the collector runs often, and each full collection walks
+    every object of the process (half a million with torch and Lightning loaded, 0.1 s or more a time).
+    ``gc.freeze`` moves the long-lived objects out of its sight for the round (O(1) on entry and exit);
+    objects created in the round are collected as usual. Nothing is frozen when something else already
+    froze objects (it is not undone here).
+
+    >>> import gc
+    >>> with gc_frozen():
+    ...     inside = gc.get_freeze_count() > 0
+    >>> inside, gc.get_freeze_count()
+    (True, 0)
+    """
+    if gc.get_freeze_count() > 0 or not gc.isenabled():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class Federation(pl.LightningModule):
     """A personalized federation run by one Lightning Trainer.
 
@@ -75,6 +102,8 @@ class Federation(pl.LightningModule):
         executor: ``sequential`` (one client after another) or ``vectorized`` (all clients of a round
             at once with ``torch.func.vmap``; algorithms it cannot serve fall back to sequential and
             the reason is logged).
+        vectorized_chunk: at most this many clients are trained at once by the vectorized executor (None: all
+            of a round on an accelerator; on a CPU as many as have 3 MiB of weights, which then stay in cache).
         dropout_rate: share of sampled clients that drop out each round (never report).
         straggler_rate: share of sampled clients that straggle (do only part of their local work).
         straggler_work: the share of its local steps a straggler completes.
@@ -89,6 +118,7 @@ class Federation(pl.LightningModule):
         eval_every: int = 1,
         store_device: str = "cpu",
         executor: str = "sequential",
+        vectorized_chunk: int | None = None,
         dropout_rate: float = 0.0,
         straggler_rate: float = 0.0,
         straggler_work: float = 0.5,
@@ -112,6 +142,11 @@ class Federation(pl.LightningModule):
             raise ValueError(f"`Federation(eval_every={eval_every})` must be >= 1.")
         if executor not in ("sequential", "vectorized"):
             raise ValueError(f"`Federation(executor={executor!r})` is not valid: use 'sequential' or 'vectorized'.")
+        if vectorized_chunk is not None and vectorized_chunk < 1:
+            raise ValueError(
+                f"`Federation(vectorized_chunk={vectorized_chunk})` must be >= 1 (None: all clients on an"
+                " accelerator, 3 MiB of weights on a CPU)."
+            )
         for name, value in (("dropout_rate", dropout_rate), ("straggler_rate", straggler_rate)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`Federation({name}={value})` must be in [0, 1].")
@@ -125,6 +160,7 @@ class Federation(pl.LightningModule):
         self.eval_every = eval_every
         self.store = ClientStateStore(store_device, pin_memory=True)
         self.executor = executor
+        self.vectorized_chunk = vectorized_chunk
         self.dropout_rate = dropout_rate
         self.straggler_rate = straggler_rate
         self.straggler_work = straggler_work
@@ -367,6 +403,10 @@ class Federation(pl.LightningModule):
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         """One communication round over this process's share of the sampled clients."""
+        with gc_frozen():
+            self._round()
+
+    def _round(self) -> None:
         round_idx = self.current_epoch
         start = time.perf_counter()
         sampled = self.sample_clients(list(self.data.train_clients), round_idx)
@@ -438,12 +478,14 @@ class Federation(pl.LightningModule):
     @override
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Personalized evaluation of every client on its validation split."""
-        self.evaluate_clients(list(range(self.data.num_clients)), "val")
+        with gc_frozen():
+            self.evaluate_clients(list(range(self.data.num_clients)), "val")
 
     @override
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """Personalized evaluation of every client on its test split."""
-        self.evaluate_clients(list(range(self.data.num_clients)), "test")
+        with gc_frozen():
+            self.evaluate_clients(list(range(self.data.num_clients)), "test")
 
     def evaluate_clients(self, client_ids: list[int], stage: str) -> dict[str, float]:
         """Personalize and evaluate ``client_ids`` on split ``stage``; log and return the summary."""

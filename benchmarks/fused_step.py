@@ -1,0 +1,104 @@
+"""Microseconds per client-step of the vectorized executor's two step paths, by chunk size and thread count.
+
+    python benchmarks/fused_step.py
+    python benchmarks/fused_step.py --chunks 16 32 64 --threads 1 2 --input 64
+
+One local SGD step of ``m`` clients at once on the speed benchmark's MLP (``--input``-128-128-10, batch 16):
+
+    fused    pflight.fused_mlp.fused_sgd_step_: forward, backward and update with in-place batched matmuls
+    generic  vmap(functional_call) forward, autograd backward, pflight.vectorized.sgd_update_
+
+Each client's weights are its own, so a step's matmuls are ``m`` small products and the step is bound by how
+fast a chunk's weights stream through the caches: this table is what ``pflight.vectorized.CPU_CHUNK_BYTES``
+(the default chunk on a CPU) was chosen from. GFLOP/s counts forward and backward matmul FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from pflight.fused_mlp import fused_sgd_step_, mlp_layers
+from pflight.models import MLP
+from pflight.vectorized import batched_forward, masked_cross_entropy, sgd_update_
+
+BATCH = 16
+
+
+def flops_per_client_step(dims: list[int]) -> int:
+    """Forward, input-gradient and weight-gradient matmul FLOPs of one batch (no input gradient at layer 1)."""
+    macs = [a * b for a, b in zip(dims[:-1], dims[1:], strict=True)]
+    return 2 * BATCH * (2 * sum(macs) + sum(macs[1:]))
+
+
+def make(m: int, dims: list[int]) -> tuple[MLP, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    net = MLP(input_shape=[dims[0]], hidden=dims[1:-1], num_classes=dims[-1])
+    state = {n: p.detach().unsqueeze(0).repeat(m, *[1] * p.dim()).contiguous() for n, p in net.named_parameters()}
+    x, y = torch.randn(m, BATCH, dims[0]), torch.randint(0, dims[-1], (m, BATCH))
+    mask = torch.ones(m, BATCH)
+    return net, state, (x, y, mask, mask.sum(1))
+
+
+def time_step(path: str, m: int, dims: list[int], seconds: float) -> float:
+    """Seconds per step of ``m`` clients."""
+    net, state, (x, y, mask, count) = make(m, dims)
+    if path == "fused":
+        layers = mlp_layers(net)
+        assert layers is not None
+
+        def step() -> None:
+            fused_sgd_step_(layers, state, x, y, mask, count, 1e-4)
+
+    else:
+        forward = batched_forward(net)
+        names = list(state)
+
+        def step() -> None:
+            leaves = {n: state[n].detach().requires_grad_(True) for n in names}
+            loss = masked_cross_entropy(forward(leaves, x), y, mask, count).sum()
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+            sgd_update_([state[n] for n in names], list(grads), None, lr=1e-4)
+
+    for _ in range(3):
+        step()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or runs < 3:
+        step()
+        runs += 1
+    return (time.perf_counter() - start) / runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 500])
+    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
+    parser.add_argument("--input", type=int, default=60, help="input features (60: synthetic, 64: digits)")
+    parser.add_argument("--seconds", type=float, default=0.5, help="time per cell")
+    args = parser.parse_args()
+    dims = [args.input, 128, 128, 10]
+    per_client = sum(a * b + b for a, b in zip(dims[:-1], dims[1:], strict=True)) * 4
+    flops = flops_per_client_step(dims)
+    print(f"MLP {'-'.join(map(str, dims))} ({per_client / 1e3:.0f} kB of weights a client), batch {BATCH}")
+    header = (
+        f"{'threads':>7} | {'chunk':>5} | {'chunk MB':>8} | {'fused us':>8} | {'generic us':>10} | {'speed-up':>8} |"
+    )
+    print(f"{header} {'fused GFLOP/s':>13}")
+    print("-" * (len(header) + 14))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for m in args.chunks:
+            fused = time_step("fused", m, dims, args.seconds) / m
+            generic = time_step("generic", m, dims, args.seconds) / m
+            print(
+                f"{threads:>7} | {m:>5} | {m * per_client / 2**20:>8.1f} | {fused * 1e6:>8.1f} |"
+                f" {generic * 1e6:>10.1f} | {generic / fused:>7.2f}x | {flops / fused / 1e9:>13.1f}"
+            )
+    print("us: microseconds per client-step (one SGD step of one client's batch); lower is better")
+
+
+if __name__ == "__main__":
+    main()
