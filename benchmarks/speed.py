@@ -468,7 +468,7 @@ def main() -> None:
                 best = min(per_threads, key=lambda t: per_threads[t][col])
                 row[col], row[f"{col}_threads"] = per_threads[best][col], best
         if 1 in per_threads:
-            row.update({f"{col}_cpu": v for col, v in per_threads[1].items() if col.endswith("_cpu")})
+            row.update({col: v for col, v in per_threads[1].items() if col.endswith("_cpu")})
         row["diff"] = max_weight_difference(seq, vec)
         row["fallback"] = vec._fallback_reason
         if multiprocess_reason is None:

@@ -326,3 +326,23 @@ def test_fused_and_generic_steps_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert_same_tensors(generic.server.global_state, fused.server.global_state)
     assert not torch.equal(fused.server.global_state["head.weight"], small_net().head.weight)  # it trained
+
+
+@pytest.mark.parametrize("name", ["fedavgft", "fedprox", "perfedavg-hf", "maml-2-inner-3-meta-steps"])
+def test_stragglers_are_vectorized(name: str) -> None:
+    """Stragglers (half of the clients, each doing 40% of its steps) give the sequential executor's result."""
+    make = ALGORITHMS[name]
+    faults = {"straggler_rate": 0.5, "straggler_work": 0.4}
+    seq = run_federation(make(small_net()), ragged_data(), 2, federation_kwargs=faults, limit_val_batches=0)
+    vec = run_federation(
+        make(small_net()),
+        ragged_data(),
+        2,
+        federation_kwargs={"executor": "vectorized", **faults},
+        limit_val_batches=0,
+    )
+    assert vec._fallback_reason is None
+    assert seq.trainer.callback_metrics["train/clients_straggling"] > 0
+    assert_same_tensors(seq.server.state_dict(), vec.server.state_dict())
+    assert_same_tensors(seq.last_round_metrics, vec.last_round_metrics)
+    torch.testing.assert_close(vec.trainer.callback_metrics["train/loss"], seq.trainer.callback_metrics["train/loss"])

@@ -103,7 +103,7 @@ class Federation(pl.LightningModule):
             at once with ``torch.func.vmap``; algorithms it cannot serve fall back to sequential and
             the reason is logged).
         vectorized_chunk: at most this many clients are trained at once by the vectorized executor (None: all
-            of a round on an accelerator; on a CPU as many as have 3 MiB of weights, which then stay in cache).
+            of a round on an accelerator; on a CPU as many as have 4.5 MiB of weights, which then stay in cache).
         dropout_rate: share of sampled clients that drop out each round (never report).
         straggler_rate: share of sampled clients that straggle (do only part of their local work).
         straggler_work: the share of its local steps a straggler completes.
@@ -145,7 +145,7 @@ class Federation(pl.LightningModule):
         if vectorized_chunk is not None and vectorized_chunk < 1:
             raise ValueError(
                 f"`Federation(vectorized_chunk={vectorized_chunk})` must be >= 1 (None: all clients on an"
-                " accelerator, 3 MiB of weights on a CPU)."
+                " accelerator, 4.5 MiB of weights on a CPU)."
             )
         for name, value in (("dropout_rate", dropout_rate), ("straggler_rate", straggler_rate)):
             if not 0.0 <= value <= 1.0:
@@ -391,14 +391,12 @@ class Federation(pl.LightningModule):
         from pflight import vectorized
 
         reason = vectorized.unsupported_reason(self)
-        if reason is None and work:
-            reason = "stragglers are simulated by the sequential executor only"
         if reason is not None:
             if reason != self._fallback_reason:
                 rank_zero_warn(f"`executor='vectorized'` falls back to sequential: {reason}")
                 self._fallback_reason = reason
             return self._train_sequential(client_ids, round_idx, work)
-        return vectorized.train_clients(self, client_ids, round_idx)
+        return vectorized.train_clients(self, client_ids, round_idx, work)
 
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -436,11 +434,12 @@ class Federation(pl.LightningModule):
             "train/aggregate_s": aggregate_s,
             "train/clients_per_s": len(active) / max(elapsed, 1e-9),
             "train/clients_reported": float(len(uploads)),
-            "train/clients_dropped": float(len(dropped)),
-            "train/clients_straggling": float(len(work)),
             "round": float(round_idx + 1),
             **memory_stats(self.device),
         }
+        if self.dropout_rate > 0 or self.straggler_rate > 0:  # simulated faults: what they did this round
+            log["train/clients_dropped"] = float(len(dropped))
+            log["train/clients_straggling"] = float(len(work))
         if stats[1] > 0:
             log["train/loss"] = float(stats[0] / stats[1])
         for name in sorted({n for m in self.last_round_metrics.values() for n in m}):

@@ -23,7 +23,8 @@ written out with in-place batched matmuls, no autograd graph and no materialized
 
 Clients with fewer batches stop early (they leave the prefix); a ragged batch (the last of an epoch, or a
 client smaller than the batch size) is padded with zero-weight samples and its loss divides by its true size.
-What is supported is registered per client class (:func:`register`): FedAvg (and FedAvgFT, LocalOnly, the
+Stragglers (``Federation(straggler_rate=...)``) take the first steps of their plan. What is supported is
+registered per client class (:func:`register`): FedAvg (and FedAvgFT, LocalOnly, the
 base client), FedProx, Per-FedAvg (maml, fo, hf), MAML / FOMAML, Reptile and FEDORA. Anything else, or a
 network with BatchNorm or Dropout, a local optimizer other than one plain SGD, or a precision other than
 ``32-true``, falls back to the sequential executor with the reason :func:`unsupported_reason` gives.
@@ -32,6 +33,7 @@ Batches are gathered from one copy of every client's train split, built once per
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -41,7 +43,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F  # noqa: N812
-from torch.nn.utils.rnn import pad_sequence
 from typing_extensions import override
 
 from pflight.client import ClientContext, ClientModule, float_state, load_float_state
@@ -202,7 +203,11 @@ def _stack_plans(plans: Sequence[Plan], offsets: Sequence[int], pad: int, dtype:
     out = []
     for slot in range(len(plans[0][0])):
         seqs = [step[slot] for plan in plans for step in plan]
-        padded = pad_sequence(seqs, batch_first=True, padding_value=-1)  # (S, B)
+        sizes = torch.tensor([s.numel() for s in seqs])
+        row = torch.repeat_interleave(torch.arange(len(seqs)), sizes)  # the batch of each planned sample
+        col = torch.arange(len(row)) - (torch.cumsum(sizes, 0) - sizes)[row]  # its place in the batch
+        padded = torch.full((len(seqs), int(sizes.max())), -1, dtype=torch.long)  # (S, B)
+        padded[row, col] = torch.cat(seqs)
         real = padded >= 0
         width = padded.shape[1]
         idx = torch.full((total_steps * num_clients, width), pad, dtype=torch.long)
@@ -321,16 +326,21 @@ class VectorizedAlgorithm:
         """Called before each round: why this federation cannot be served (None: it can)."""
         return _sgd_reason(federation)
 
-    def plan(self, federation: Federation, ctx: ClientContext) -> Plan:
-        """Called per client: its local steps as index tensors into its train split, in sequential order."""
+    def plan(self, federation: Federation, ctx: ClientContext, work: float = 1.0) -> Plan:
+        """Called per client: its local steps as index tensors into its train split, in sequential order.
+
+        ``work`` < 1 makes the client a straggler: the first ``ceil(work * steps)`` of them, as
+        ``Federation.local_batches`` gives.
+        """
         client = federation.client
         if self.batch_plan == "epochs":
             n = ctx.data.num_samples("train")
-            return [
-                (b,) for b in plan_batches(n, ctx.batch_size, ctx.generator, client.local_epochs, client.local_steps)
-            ]
+            plan = plan_batches(n, ctx.batch_size, ctx.generator, client.local_epochs, client.local_steps)
+            if work < 1.0:
+                plan = plan[: max(1, math.ceil(len(plan) * work))]
+            return [(b,) for b in plan]
         steps: Plan = []
-        for batch in federation.local_batches(_index_context(ctx)):
+        for batch in federation.local_batches(_index_context(ctx), work):
             group = batch if client.batches_per_step > 1 else (batch,)
             steps.append(tuple(x for x, _ in group))
         return steps
@@ -619,14 +629,14 @@ class MAMLAlgorithm(VectorizedAlgorithm):
         return None
 
     @override
-    def plan(self, federation: Federation, ctx: ClientContext) -> Plan:
+    def plan(self, federation: Federation, ctx: ClientContext, work: float = 1.0) -> Plan:
         client = federation.client
         index_ctx = _index_context(ctx)
         saved = client.context
         client.context = index_ctx  # meta_batches draws from the same generator, between the stream's batches
         try:
             steps: Plan = []
-            for _ in federation.local_batches(index_ctx):
+            for _ in federation.local_batches(index_ctx, work):
                 (support, _), (query, _) = client.meta_batches()
                 steps.append((support, query))
         finally:
@@ -870,14 +880,17 @@ def chunk_size(federation: Federation, num_clients: int) -> int:
 
 
 # From benchmarks/fused_step.py on a 2-core EPYC (32 MiB L3): the 60-128-128-10 MLP (102 kB a client) steps
-# fastest in chunks of 32 clients (3 MiB) with one thread and with two; 16 and 64 are 10-30% slower, 128 2x.
-CPU_CHUNK_BYTES = 3 * 2**20
+# fastest in chunks of 24 to 48 clients (2.3 to 4.7 MB) with one thread and with two; 64 is 15-25% slower, 128
+# and more 1.5-2x slower.
+CPU_CHUNK_BYTES = 9 * 2**19  # 4.5 MiB
 
 
 def train_clients(
-    federation: Federation, client_ids: list[int], round_idx: int
+    federation: Federation, client_ids: list[int], round_idx: int, work: Mapping[int, float] | None = None
 ) -> tuple[dict[int, Message], list[Tensor]]:
     """Train ``client_ids`` of round ``round_idx`` at once; return (uploads, per-client mean losses).
+
+    ``work`` maps stragglers to the share of their local steps they complete.
 
     Gives what ``Federation.train_client`` gives for each client in turn (up to float summation order):
     the same batches, the same SGD, the same per-client state in the store and the same uploads. Clients are
@@ -888,7 +901,8 @@ def train_clients(
     algorithm = _builtin()[type(federation.client)]
     client = federation.client
     contexts = [federation.context(k, round_idx, "train", TRAIN_STREAM) for k in client_ids]
-    plans = [algorithm.plan(federation, ctx) for ctx in contexts]
+    work = work or {}
+    plans = [algorithm.plan(federation, ctx, work.get(k, 1.0)) for k, ctx in zip(client_ids, contexts, strict=True)]
     for k, plan in zip(client_ids, plans, strict=True):
         if not plan:
             raise ValueError(
