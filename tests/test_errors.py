@@ -1,5 +1,6 @@
 """Each bad input gets a clear error naming the argument, its value and the fix."""
 
+import gc
 import urllib.error
 
 import pytest
@@ -140,6 +141,7 @@ def test_nan_loss_stops_with_client_and_round_and_keeps_checkpoint(tmp_path):
     """A NaN loss stops the run naming client and round; the last good checkpoint survives and resumes."""
     with pytest.raises(FloatingPointError, match=r"client 3 .*non-finite.*round 1"):
         _fit_with_checkpoints(tmp_path, rounds=3, client=_NaNAfterFirstRound(MLP(hidden=[8])))
+    assert gc.get_freeze_count() == 0  # the failed round gave the frozen objects back to the collector
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert ckpt["epoch"] == 0  # saved after round 1 (index 0), before the failure
     fixed = _NaNAfterFirstRound(MLP(hidden=[8]))

@@ -37,11 +37,14 @@ def aggregation_weights(n_samples: Sequence[int], weighted: bool = True) -> Tens
     return n / n.sum()
 
 
-def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | Tensor) -> dict[str, Tensor]:
+def weighted_average(
+    states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | Tensor, block: int = 64
+) -> dict[str, Tensor]:
     """``sum_k w_k * state_k`` entry by entry (weights are used as given: normalize them first).
 
-    Each entry is stacked once across clients and reduced in one product, in float32 at least
-    (float64 entries stay float64) with autocast off, and returned in its own dtype.
+    Each entry is stacked across clients in blocks of ``block`` clients (a block stays in cache, where one
+    stack of hundreds of clients would go through memory twice) and each block reduced in one product, in
+    float32 at least (float64 entries stay float64) with autocast off; returned in its own dtype.
 
     >>> a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
     >>> weighted_average([a, b], [0.25, 0.75])["w"].tolist()
@@ -53,9 +56,14 @@ def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[f
     out = {}
     for name, ref in states[0].items():
         compute = torch.promote_types(ref.dtype, torch.float32)
-        stacked = torch.stack([s[name] for s in states]).to(compute)  # (clients, ...)
-        with torch.autocast(stacked.device.type, enabled=False):  # never a bf16 mix, whatever the caller runs under
-            out[name] = torch.tensordot(w.to(stacked.device, compute), stacked, dims=1).to(ref.dtype)
+        w_name = w.to(ref.device, compute)
+        total: Tensor | None = None
+        with torch.autocast(ref.device.type, enabled=False):  # never a bf16 mix, whatever the caller runs under
+            for lo in range(0, len(states), block):
+                stacked = torch.stack([s[name] for s in states[lo : lo + block]]).to(compute)  # (block, ...)
+                part = torch.tensordot(w_name[lo : lo + block], stacked, dims=1)
+                total = part if total is None else total.add_(part)
+        out[name] = total.to(ref.dtype)  # type: ignore[union-attr]
     return out
 
 
