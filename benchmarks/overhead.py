@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import lightning.pytorch as pl
@@ -97,6 +98,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clients", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both (default 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="interleaved runs of each; the medians are reported (default 5)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -105,18 +109,25 @@ def main() -> None:
     )
     print(
         f"{'clients':>7} | {'plain s/round':>13} | {'pflight fit s/round':>19} | {'pflight round s':>15} | "
-        f"{'fit/plain':>9} | {'round/plain':>11}"
+        f"{'fit/plain':>9} | {'round/plain':>11} | fit/plain range"
     )
-    print("-" * 92)
+    print("-" * 110)
     for k in args.clients:
         data = make_data(k)
         plain_loop(data, 2, 0.05)  # warm-up
-        plain = plain_loop(data, args.rounds, 0.05)
-        fit_s, round_s = pflight_run(data, args.rounds, 0.05)
+        runs: dict[str, list[float]] = {"plain": [], "fit": [], "round": []}
+        for _ in range(args.repeats):  # interleaved: a drift in the machine's load hits both alike
+            runs["plain"].append(plain_loop(data, args.rounds, 0.05))
+            fit_s, round_s = pflight_run(data, args.rounds, 0.05)
+            runs["fit"].append(fit_s)
+            runs["round"].append(round_s)
+        plain, fit_s, round_s = (statistics.median(runs[key]) for key in ("plain", "fit", "round"))
+        ratios = sorted(f / p for f, p in zip(runs["fit"], runs["plain"], strict=True))
         print(
             f"{k:>7} | {plain:>13.4f} | {fit_s:>19.4f} | {round_s:>15.4f} | {fit_s / plain:>9.2f} | "
-            f"{round_s / plain:>11.2f}"
+            f"{round_s / plain:>11.2f} | {ratios[0]:.2f}-{ratios[-1]:.2f}"
         )
+    print(f"medians of {args.repeats} interleaved runs; fit/plain range: the ratio of each run pair")
 
 
 if __name__ == "__main__":

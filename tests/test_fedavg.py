@@ -1,5 +1,6 @@
 import copy
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
@@ -129,3 +130,63 @@ def test_evaluation_reports_contracted_metrics():
     assert row["val/personalized_acc_worst10"] == pytest.approx(min(accs))  # ceil(10% of 8) = 1 client
     # FedAvg without fine-tuning: the personalized model is the global model
     assert row["val/personalized_acc"] == pytest.approx(row["val/global_acc"])
+
+
+def test_weighted_average_in_blocks_equals_one_stack():
+    """Blocks of clients (here 3 of 3, 3 and 1) give the single stacked product up to float summation order."""
+    torch.manual_seed(0)
+    states = [{"w": torch.randn(4, 5), "b": torch.randn(5, dtype=torch.float64)} for _ in range(7)]
+    w = torch.rand(7)
+    w = w / w.sum()
+    blocked = weighted_average(states, w, block=3)
+    for name in ("w", "b"):
+        expected = sum(float(w[i]) * states[i][name].double() for i in range(7))
+        torch.testing.assert_close(blocked[name].double(), expected, rtol=1e-6, atol=1e-7)
+        assert blocked[name].dtype == states[0][name].dtype
+
+
+class _BackwardCounter(pl.Callback):
+    def __init__(self):
+        self.calls = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.calls += 1
+
+
+def test_backward_hooks_fire_when_a_callback_listens():
+    """Without listeners a local step calls loss.backward() directly; a callback with `on_after_backward` gets
+    it once per local step (Lightning's manual_backward), and both give the same model."""
+    data = FederatedDataModule("digits", num_clients=4, seed=0)
+    torch.manual_seed(0)
+    plain = run_federation(FedAvg(MLP(hidden=[8]), lr=0.1), data, rounds=1, limit_val_batches=0)
+    assert plain._plain_backward is True
+    counter = _BackwardCounter()
+    torch.manual_seed(0)
+    hooked = run_federation(FedAvg(MLP(hidden=[8]), lr=0.1), data, rounds=1, limit_val_batches=0, callbacks=[counter])
+    assert hooked._plain_backward is False
+    steps = sum(-(-data.client_data(k).num_samples("train") // data.batch_size) for k in data.train_clients)
+    assert counter.calls == steps
+    for name, value in plain.server.global_state.items():
+        assert torch.equal(hooked.server.global_state[name], value), name
+
+
+def test_a_loss_scaler_keeps_manual_backward():
+    """16-mixed's GradScaler must scale the loss: no direct backward then (the rest of the trainer as on CPU)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from pflight.federation import plain_backward
+
+    def trainer(plugin):
+        return SimpleNamespace(
+            precision_plugin=plugin,
+            strategy=SingleDeviceStrategy("cpu"),
+            callbacks=[],
+            lightning_module=pl.LightningModule(),
+        )
+
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    assert plain_backward(trainer(scaled)) is False
+    assert plain_backward(trainer(MixedPrecision("bf16-mixed", "cpu"))) is True
