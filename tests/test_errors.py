@@ -61,6 +61,22 @@ def test_clients_per_round_not_positive(count):
         Federation(FedAvg(MLP()), clients_per_round=count)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"vectorized_chunk": 0}, r"vectorized_chunk=0.*>= 1"),
+        ({"executor": "parallel"}, r"executor='parallel'.*'sequential' or 'vectorized'"),
+        ({"dropout_rate": 1.5}, r"dropout_rate=1.5.*\[0, 1\]"),
+        ({"straggler_work": 0.0}, r"straggler_work=0.0.*\(0, 1\]"),
+    ],
+    ids=["chunk", "executor", "dropout", "straggler-work"],
+)
+def test_bad_execution_and_fault_arguments(kwargs, match):
+    """Executor, chunk and fault arguments out of range are refused naming the value and the valid range."""
+    with pytest.raises(ValueError, match=match):
+        Federation(FedAvg(MLP()), **kwargs)
+
+
 def test_clients_per_round_above_clients():
     """clients_per_round above the number of training clients is refused before round 1."""
     with pytest.raises(ValueError, match=r"clients_per_round=50.*at most 5"):

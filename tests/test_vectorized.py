@@ -13,7 +13,7 @@ from pflight import Federation
 from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.fedora import Fedora
 from pflight.algorithms.meta import MAML, MetaSGD, PerFedAvg, PersonalizedFedAvg, Reptile
-from pflight.client import ClientModule
+from pflight.client import ClientModule, float_state
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.data.datamodule import ClientData
 from pflight.models import CNN, MLP
@@ -115,6 +115,7 @@ def test_vectorized_equals_sequential(make: Callable[[nn.Module], ClientModule])
     assert_same_tensors(seq.last_round_metrics, vec.last_round_metrics)
     loss_a, loss_b = seq.trainer.callback_metrics["train/loss"], vec.trainer.callback_metrics["train/loss"]
     torch.testing.assert_close(loss_b, loss_a)
+    assert_same_tensors(float_state(seq.client.net), float_state(vec.client.net))  # as the last client left it
 
 
 @pytest.mark.parametrize("make", [ALGORITHMS["fedavgft"], ALGORITHMS["fedora"]], ids=["fedavgft", "fedora"])
@@ -257,6 +258,20 @@ def test_chunks_reproduce_the_sequential_executor(name: str) -> None:
         assert_same_tensors(seq.store.get(k), vec.store.get(k))
     assert_same_tensors(seq.last_round_metrics, vec.last_round_metrics)
     torch.testing.assert_close(vec.trainer.callback_metrics["train/loss"], seq.trainer.callback_metrics["train/loss"])
+    # the client module is left as after the last client's sequential training (client 5 trains in the first
+    # chunk: it has more steps than two others), even though a later chunk ran after it
+    assert_same_tensors(float_state(seq.client.net), float_state(vec.client.net))
+    if name == "fedora":
+        assert vec.client.lam == seq.client.lam
+        assert_same_tensors(seq.client.received, vec.client.received)
+
+
+def test_ragged_data_puts_the_last_client_in_the_first_chunk_of_four() -> None:
+    """The premise of the chunk test above: client 5 is among the 4 clients with the most steps."""
+    data = ragged_data()
+    steps = {k: -(-data.client_data(k).num_samples("train") // BATCH) for k in data.train_clients}
+    first_chunk = sorted(steps, key=lambda k: -steps[k])[:4]
+    assert data.train_clients[-1] in first_chunk, steps
 
 
 def test_default_chunk_size() -> None:

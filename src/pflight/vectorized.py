@@ -683,7 +683,7 @@ class MAMLAlgorithm(VectorizedAlgorithm):
 
     @override
     def finish_client(self, run: Round, c: int) -> None:
-        pass  # θ never moved: the network holds the received model, as after sequential training
+        run.federation.client.receive(run.messages[c])  # θ never moves: the network holds the received model
 
 
 class FedoraAlgorithm(VectorizedAlgorithm):
@@ -913,6 +913,7 @@ def train_clients(
     chunk = chunk_size(federation, len(client_ids))
     results: dict[int, tuple[Message | None, Tensor]] = {}
     last = len(client_ids) - 1  # the caller's last client leaves the client module as sequential training does
+    last_run: tuple[Round, int] | None = None
     for lo in range(0, len(stacked), chunk):
         members = stacked[lo : lo + chunk]
         run = _run_chunk(
@@ -926,8 +927,11 @@ def train_clients(
         for c, i in enumerate(members):
             results[i] = algorithm.upload(run, c), run.loss_sum[c]
             if i == last:
-                algorithm.finish_client(run, c)
-                client.context = run.contexts[c]
+                last_run = run, c
+    if last_run is not None:  # after every chunk: a later chunk's prologue may use the client module (FEDORA)
+        run, c = last_run
+        algorithm.finish_client(run, c)
+        client.context = run.contexts[c]
     uploads: dict[int, Message] = {}
     losses: list[Tensor] = []
     for i, k in enumerate(client_ids):
