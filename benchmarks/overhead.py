@@ -19,6 +19,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from pflight import Federation
@@ -41,6 +42,31 @@ def make_net() -> torch.nn.Module:
     return MLP(input_shape=[1, 8, 8], hidden=[128, 128], num_classes=10)
 
 
+def plain_round(
+    data: FederatedDataModule, r: int, global_net: nn.Module, worker: nn.Module, opt: torch.optim.Optimizer, batch: int
+) -> None:
+    """Round ``r`` of FedAvg written directly in PyTorch, in place on ``global_net`` (``opt`` steps ``worker``).
+
+    Inside ``gc_frozen`` as pflight's rounds: the collector skips the long-lived objects in both.
+    """
+    with gc_frozen():
+        global_state = global_net.state_dict()
+        total = 0
+        acc = {k: torch.zeros_like(v) for k, v in global_state.items()}
+        for k in data.train_clients:
+            worker.load_state_dict(global_state)
+            client = data.client_data(k)
+            for x, y in client.batches("train", batch, data.generator(r, k, 0)):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(worker(x), y).backward()
+                opt.step()
+            n = client.num_samples("train")
+            total += n
+            for name, value in worker.state_dict().items():
+                acc[name] += n * value
+        global_net.load_state_dict({name: value / total for name, value in acc.items()})
+
+
 def plain_loop(data: FederatedDataModule, rounds: int, lr: float) -> float:
     """FedAvg written directly in PyTorch: the reference the federation must stay close to."""
     global_net = make_net()
@@ -48,22 +74,7 @@ def plain_loop(data: FederatedDataModule, rounds: int, lr: float) -> float:
     opt = torch.optim.SGD(worker.parameters(), lr=lr)
     start = time.perf_counter()
     for r in range(rounds):
-        with gc_frozen():  # as pflight's rounds: the collector skips the long-lived objects in both
-            global_state = global_net.state_dict()
-            total = 0
-            acc = {k: torch.zeros_like(v) for k, v in global_state.items()}
-            for k in data.train_clients:
-                worker.load_state_dict(global_state)
-                client = data.client_data(k)
-                for x, y in client.batches("train", 16, data.generator(r, k, 0)):
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(worker(x), y).backward()
-                    opt.step()
-                n = client.num_samples("train")
-                total += n
-                for name, value in worker.state_dict().items():
-                    acc[name] += n * value
-            global_net.load_state_dict({name: value / total for name, value in acc.items()})
+        plain_round(data, r, global_net, worker, opt, 16)
     return (time.perf_counter() - start) / rounds
 
 

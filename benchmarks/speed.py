@@ -55,9 +55,11 @@ from pflight import Federation
 from pflight.algorithms import FedAvg
 from pflight.client import ClientModule
 from pflight.data import DirichletPartitioner, FederatedDataModule, Synthetic
-from pflight.federation import gc_frozen
 from pflight.models import MLP
 from pflight.vectorized import CPU_CHUNK_BYTES
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import plain_round  # noqa: E402  (the plain loop, shared with benchmarks/overhead.py)
 
 LR = 0.05
 BATCH = 16
@@ -138,22 +140,7 @@ def plain_loop(data: FederatedDataModule, rounds: int, cpu: list[float] | None =
     times = []
     for r in range(rounds):
         start, start_cpu = time.perf_counter(), time.process_time()
-        with gc_frozen():
-            global_state = global_net.state_dict()
-            total = 0
-            acc = {k: torch.zeros_like(v) for k, v in global_state.items()}
-            for k in data.train_clients:
-                worker.load_state_dict(global_state)
-                client = data.client_data(k)
-                for x, y in client.batches("train", BATCH, data.generator(r, k, 0)):
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(worker(x), y).backward()
-                    opt.step()
-                n = client.num_samples("train")
-                total += n
-                for name, value in worker.state_dict().items():
-                    acc[name] += n * value
-            global_net.load_state_dict({name: value / total for name, value in acc.items()})
+        plain_round(data, r, global_net, worker, opt, BATCH)
         times.append(time.perf_counter() - start)
         if cpu is not None:
             cpu.append(time.process_time() - start_cpu)
