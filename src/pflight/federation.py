@@ -130,9 +130,9 @@ class Federation(pl.LightningModule):
         eval_every: evaluate every this many rounds (sets the Trainer's ``check_val_every_n_epoch``).
         store_device: where per-client state lives between rounds (``cpu`` keeps the accelerator's
             memory independent of the number of clients).
-        executor: ``sequential`` (one client after another) or ``vectorized`` (all clients of a round
-            at once with ``torch.func.vmap``; algorithms it cannot serve fall back to sequential and
-            the reason is logged).
+        executor: ``sequential`` (one client after another) or ``vectorized`` (the clients of a round
+            stacked and stepped together, by ``torch.func.vmap`` or the fused MLP step; algorithms it cannot
+            serve fall back to sequential and the reason is logged).
         vectorized_chunk: at most this many clients are trained at once by the vectorized executor (None: all
             of a round on an accelerator; on a CPU as many as have 4.5 MiB of weights, which then stay in cache).
         dropout_rate: share of sampled clients that drop out each round (never report).
