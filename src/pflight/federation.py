@@ -385,6 +385,14 @@ class Federation(pl.LightningModule):
             self.manual_backward(loss)
 
     @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by Lightning when a local optimizer is about to step: the client's own hook runs.
+
+        A 16-bit loss scaler has unscaled the gradients by then, so a client clips true gradients there.
+        """
+        self.client.on_before_optimizer_step(optimizer)
+
+    @override
     def on_train_start(self) -> None:
         """Called at the start of fit: re-check whether backward may skip Lightning (callbacks may have changed)."""
         self._plain_backward = None

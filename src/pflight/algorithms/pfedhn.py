@@ -509,14 +509,25 @@ class PFedHN(ClientModule):
 
     @override
     def optimizer_step(self, optimizer: Any) -> None:
-        """Clip the generated tensors' gradient norm, then step (PC: the private head too)."""
+        """Step (PC: the private head too); the clipping happens in :meth:`on_before_optimizer_step`."""
         optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
-        if self.inner_grad_clip is not None:
-            shared, _ = self._split_params()
-            torch.nn.utils.clip_grad_norm_(shared, self.inner_grad_clip)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the generated tensors' gradient norm when their optimizer is about to step.
+
+        Called through Lightning after a 16-bit loss scaler unscaled the gradients, so the threshold applies
+        to true gradients under every precision.
+        """
+        if self.inner_grad_clip is None:
+            return
+        shared, _ = self._split_params()
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(p) in owned for p in shared):
+            torch.nn.utils.clip_grad_norm_(shared, self.inner_grad_clip)
 
     @override
     def client_state(self) -> dict[str, Any] | None:
