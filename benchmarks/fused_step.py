@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -25,13 +26,10 @@ from pflight.fused_mlp import fused_sgd_step_, mlp_layers
 from pflight.models import MLP
 from pflight.vectorized import batched_forward, masked_cross_entropy, sgd_update_
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed import flops_per_sample  # noqa: E402  (the FLOP count of benchmarks/speed.py's compute floor)
+
 BATCH = 16
-
-
-def flops_per_client_step(dims: list[int]) -> int:
-    """Forward, input-gradient and weight-gradient matmul FLOPs of one batch (no input gradient at layer 1)."""
-    macs = [a * b for a, b in zip(dims[:-1], dims[1:], strict=True)]
-    return 2 * BATCH * (2 * sum(macs) + sum(macs[1:]))
 
 
 def make(m: int, dims: list[int]) -> tuple[MLP, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
@@ -80,8 +78,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5, help="time per cell")
     args = parser.parse_args()
     dims = [args.input, 128, 128, 10]
-    per_client = sum(a * b + b for a, b in zip(dims[:-1], dims[1:], strict=True)) * 4
-    flops = flops_per_client_step(dims)
+    net = make(1, dims)[0]
+    per_client = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    flops = BATCH * flops_per_sample(net)  # forward, input- and weight-gradient matmuls of one batch
     print(f"MLP {'-'.join(map(str, dims))} ({per_client / 1e3:.0f} kB of weights a client), batch {BATCH}")
     header = (
         f"{'threads':>7} | {'chunk':>5} | {'chunk MB':>8} | {'fused us':>8} | {'generic us':>10} | {'speed-up':>8} |"

@@ -56,7 +56,7 @@ from pflight.algorithms import FedAvg
 from pflight.client import ClientModule
 from pflight.data import DirichletPartitioner, FederatedDataModule, Synthetic
 from pflight.models import MLP
-from pflight.vectorized import CPU_CHUNK_BYTES
+from pflight.vectorized import cpu_chunk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import plain_round  # noqa: E402  (the plain loop, shared with benchmarks/overhead.py)
@@ -97,11 +97,14 @@ def flops_per_round(data: FederatedDataModule, net: nn.Module, epochs: int = 1) 
 
     A multiply-add is 2 FLOPs; the first layer needs no input gradient.
     """
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    macs = [m.in_features * m.out_features for m in linears]
-    per_sample = 2 * (2 * sum(macs) + sum(macs[1:]))
     samples = sum(data.client_data(k).num_samples("train") for k in data.train_clients)
-    return float(per_sample * samples * epochs)
+    return float(flops_per_sample(net) * samples * epochs)
+
+
+def flops_per_sample(net: nn.Module) -> int:
+    """Matmul FLOPs of one sample's forward and backward through ``net``'s Linear layers."""
+    macs = [m.in_features * m.out_features for m in net.modules() if isinstance(m, nn.Linear)]
+    return 2 * (2 * sum(macs) + sum(macs[1:]))
 
 
 def matmul_throughput(size: int = 1024, repeats: int = 10) -> float:
@@ -113,11 +116,6 @@ def matmul_throughput(size: int = 1024, repeats: int = 10) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def state_bytes(net: nn.Module) -> int:
-    """Bytes of one client's weights."""
-    return sum(t.numel() * t.element_size() for t in net.state_dict().values())
 
 
 def batched_matmul_throughput(clients: int, rows: int = BATCH, width: int = HIDDEN[0], repeats: int = 10) -> float:
@@ -429,7 +427,7 @@ def main() -> None:
         data = make_data(k)
         row: dict[str, object] = {"K": k, "data": workload_name(data), "flops": flops_per_round(data, make_net(data))}
         torch.set_num_threads(max(args.threads))
-        chunk = max(1, min(len(data.train_clients), CPU_CHUNK_BYTES // state_bytes(make_net(data))))
+        chunk = min(len(data.train_clients), cpu_chunk(make_net(data)))  # the executor's default on a CPU
         row["peak"], row["batched"], row["chunk"] = matmul_throughput(), batched_matmul_throughput(chunk), chunk
         per_threads: dict[int, dict[str, float]] = {}
         for threads in args.threads:

@@ -871,12 +871,18 @@ def chunk_size(federation: Federation, num_clients: int) -> int:
     """
     chunk = federation.vectorized_chunk
     if chunk is None:
-        if federation.device.type != "cpu":
-            chunk = num_clients
-        else:
-            per_client = sum(t.numel() * t.element_size() for t in federation.client.net.state_dict().values())
-            chunk = CPU_CHUNK_BYTES // max(per_client, 1)
+        chunk = num_clients if federation.device.type != "cpu" else cpu_chunk(federation.client.net)
     return max(1, min(chunk, num_clients))
+
+
+def cpu_chunk(net: nn.Module) -> int:
+    """The default chunk on a CPU: as many clients as have :data:`CPU_CHUNK_BYTES` of ``net``'s weights.
+
+    >>> cpu_chunk(nn.Linear(1023, 1024))  # 4 MiB a client
+    1
+    """
+    per_client = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    return max(1, CPU_CHUNK_BYTES // max(per_client, 1))
 
 
 # From benchmarks/fused_step.py on a 2-core EPYC (32 MiB L3): the 60-128-128-10 MLP (102 kB a client) steps
@@ -989,6 +995,7 @@ __all__ = [
     "VectorizedAlgorithm",
     "batched_forward",
     "chunk_size",
+    "cpu_chunk",
     "masked_cross_entropy",
     "plan_batches",
     "register",
