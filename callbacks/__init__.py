@@ -2,8 +2,16 @@
 
 from pflight.callbacks.checkpoint import FederationCheckpoint
 from pflight.callbacks.fedora_report import FedoraReport
+from pflight.callbacks.predictions import ClientPredictionWriter
 from pflight.callbacks.progress import RoundProgressBar
 from pflight.callbacks.summary import FederationSummary
 from pflight.callbacks.wandb_report import WandbClientReport
 
-__all__ = ["FederationCheckpoint", "FederationSummary", "FedoraReport", "RoundProgressBar", "WandbClientReport"]
+__all__ = [
+    "ClientPredictionWriter",
+    "FederationCheckpoint",
+    "FederationSummary",
+    "FedoraReport",
+    "RoundProgressBar",
+    "WandbClientReport",
+]

@@ -67,8 +67,7 @@ def test_checkpoint_then_test_subcommand(quickstart_run, tmp_path, monkeypatch):
     """`pflight test --ckpt_path` evaluates every client from the saved federation on its test split."""
     _, cwd = quickstart_run
     monkeypatch.chdir(cwd)
-    ckpt = cwd / "checkpoints" / "last.ckpt"
-    assert ckpt.exists()
+    (ckpt,) = cwd.glob("pflight/*/checkpoints/last.ckpt")  # the W&B run's own folder
     cli = PflightCLI(args=["test", "--config", QUICKSTART, "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     last = cli.model.history[-1]
     assert last["stage"] == "test"

@@ -41,7 +41,7 @@ def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[
     with open(next(cwd.glob("version_*/metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     last = [r for r in rows if r.get("val/personalized_acc")][-1]
-    ckpt = torch.load(cwd / "checkpoints" / "last.ckpt", weights_only=False)["pflight"]
+    ckpt = torch.load(next(cwd.glob("version_*/checkpoints/last.ckpt")), weights_only=False)["pflight"]
     return last, ckpt
 
 

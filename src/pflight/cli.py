@@ -1,4 +1,4 @@
-"""``pflight fit|validate|test``: LightningCLI with federation defaults.
+"""``pflight fit|validate|test|predict``: LightningCLI with federation defaults.
 
 Defaults: a Weights & Biases logger (offline when no credentials are configured, so it never
 prompts and never needs the network; ``wandb sync`` uploads later), ``inference_mode`` off (personalized
@@ -9,17 +9,23 @@ per-client W&B reports and federation checkpoints (``--checkpoint.*``).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from pflight.callbacks import FederationCheckpoint, FederationSummary, RoundProgressBar, WandbClientReport
+from pflight.callbacks import ClientPredictionWriter, FederationCheckpoint, RoundProgressBar
 from pflight.data import FederatedDataModule
 from pflight.federation import CHECKPOINT_KEY, Federation
+from pflight.named_configs import maybe_list_configs, plain_config, resolve_config_args
+
+CONFIG_KEY = "pflight_config"
 
 
 def wandb_offline() -> bool:
@@ -36,10 +42,10 @@ def wandb_offline() -> bool:
         return True
 
 
-def check_checkpoint(path: str | os.PathLike) -> None:
-    """Refuse, with a clear message, a checkpoint that cannot be read or was not written by pflight."""
+def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint; refuse, with a clear message, one that cannot be read or was not written by pflight."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - any reader failure means the same to the user
         raise ValueError(
             f"`--ckpt_path {path}` cannot be read as a checkpoint ({type(err).__name__}: {err}); it is"
@@ -51,19 +57,93 @@ def check_checkpoint(path: str | os.PathLike) -> None:
             f"`--ckpt_path {path}` is not a pflight checkpoint (no federation state in it): pass a"
             " checkpoint written by `pflight fit`."
         )
+    return ckpt
+
+
+def find_last_checkpoints(root: str | os.PathLike, max_depth: int = 5) -> list[Path]:
+    """Every ``checkpoints/last*.ckpt`` under ``root`` (run folders of any logger), newest first.
+
+    >>> import tempfile, os, time
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for run in ("pflight/a1", "lightning_logs/version_0"):
+    ...     (root / run / "checkpoints").mkdir(parents=True)
+    ...     _ = (root / run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    ...     time.sleep(0.01)
+    >>> [str(p.relative_to(root)) for p in find_last_checkpoints(root)]
+    ['lightning_logs/version_0/checkpoints/last.ckpt', 'pflight/a1/checkpoints/last.ckpt']
+    """
+    root = Path(root)
+    found: list[Path] = []
+    for depth in range(max_depth):
+        found += [p for p in root.glob("/".join(["*"] * depth + ["checkpoints", "last*.ckpt"])) if p.is_file()]
+    return sorted(set(found), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def config_changes(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The settings that differ between two plain configs, as ``(dotted key, saved, current)``.
+
+    >>> config_changes({"model": {"lr": 0.1, "mu": 0}}, {"model": {"lr": 10.0, "mu": 0}})
+    [('model.lr', 0.1, 10.0)]
+    >>> config_changes({"a": [1, 2]}, {"a": [1, 2], "b": 3})
+    [('b', None, 3)]
+    """
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += config_changes(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    if saved != current:
+        return [(prefix.rstrip("."), saved, current)]
+    return []
+
+
+# settings that may differ between a run and its resumption without changing what is computed
+_RESUME_FREE = (
+    "ckpt_path",
+    "config",
+    "predictions",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.logger",
+    "trainer.callbacks",
+)
 
 
 class _ConfigToLoggers(SaveConfigCallback):
-    """Saves the config next to the logs and sends it to every logger as hyperparameters."""
+    """Sends the config to every logger as hyperparameters and keeps it in every checkpoint."""
 
     @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
-            logger.log_hyperparams(self.config.as_dict())
+            logger.log_hyperparams(plain_config(self.config.as_dict()))
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Called when a checkpoint is written: the run's configuration goes with it (compared on resume)."""
+        checkpoint[CONFIG_KEY] = plain_config(self.config.as_dict())
+
+
+_DEFAULT_CALLBACKS = [
+    {"class_path": "pflight.callbacks.RoundProgressBar"},
+    {"class_path": "pflight.callbacks.FederationSummary"},
+    {"class_path": "pflight.callbacks.WandbClientReport"},
+]
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 class PflightCLI(LightningCLI):
-    """LightningCLI for :class:`~pflight.federation.Federation` and :class:`~pflight.data.FederatedDataModule`."""
+    """LightningCLI for :class:`~pflight.federation.Federation` and :class:`~pflight.data.FederatedDataModule`.
+
+    The default callbacks (progress over rounds, summary table, per-client W&B reports) are ordinary
+    ``--trainer.callbacks`` defaults: ``--print_config`` shows them, ``--trainer.callbacks+=...`` adds to
+    them and ``--trainer.callbacks=[...]`` replaces them. ``--trainer.enable_progress_bar false`` or another
+    progress bar (``TQDMProgressBar``, ``RichProgressBar``) replaces the round bar;
+    ``--trainer.enable_checkpointing false`` drops the federation checkpoints (``--checkpoint.*``).
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         trainer_defaults = {
@@ -76,7 +156,6 @@ class PflightCLI(LightningCLI):
             "max_epochs": 20,
             "log_every_n_steps": 1,
             "enable_model_summary": False,
-            "callbacks": [RoundProgressBar(), FederationSummary(), WandbClientReport()],
         }
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(
@@ -93,40 +172,124 @@ class PflightCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: Any) -> None:
-        """Federation checkpoints as their own group (``--checkpoint.*``), so they survive ``--trainer.callbacks``."""
+        """Federation checkpoints as their own group (``--checkpoint.*``); the default callbacks as defaults."""
         parser.add_lightning_class_args(FederationCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ClientPredictionWriter, "predictions")
+        parser.set_defaults({"trainer.callbacks": _DEFAULT_CALLBACKS})
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with the default callbacks that its flags or the user's callbacks replace left out."""
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_checkpointing") is False:
+            extra = [c for c in extra if not isinstance(c, ModelCheckpoint)]
+        other_bars = [c for c in callbacks if isinstance(c, ProgressBar) and not isinstance(c, RoundProgressBar)]
+        if config.get("enable_progress_bar") is False or other_bars:
+            callbacks = [c for c in callbacks if not isinstance(c, RoundProgressBar)]
+        config["callbacks"] = callbacks
+        return self._instantiate_trainer(config, extra)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_roots(self, cfg: Any) -> list[Path]:
+        roots = [Path(cfg["trainer"].get("default_root_dir") or ".")]
+        loggers = cfg["trainer"].get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None)
+            if save_dir:
+                roots.append(Path(save_dir))
+        return list(dict.fromkeys(r.resolve() for r in roots))
+
+    def _find_checkpoint(self, which: str, cfg: Any) -> Path:
+        """The file that ``--ckpt_path last`` or ``best`` names for this run."""
+        dirpath = cfg["checkpoint"].get("dirpath")
+        if dirpath:
+            where = [Path(dirpath)]
+            lasts = sorted(Path(dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        else:
+            where = self._checkpoint_roots(cfg)
+            lasts = sorted(
+                {p for root in where for p in find_last_checkpoints(root)},
+                key=lambda p: p.stat().st_mtime,
+                reverse=True,
+            )
+        places = ", ".join(f"{w}" for w in where)
+        if not lasts:
+            raise FileNotFoundError(
+                f"`--ckpt_path {which}`: no checkpoint found (looked for checkpoints/last.ckpt under {places}):"
+                " there is nothing to resume. Start a new run without `--ckpt_path`, or pass the path of a"
+                " checkpoint (or its folder with `--checkpoint.dirpath`)."
+            )
+        last = lasts[0]
+        if which == "last":
+            return last
+        state = check_checkpoint(last).get("callbacks", {})
+        best = next((v.get("best_model_path") for k, v in state.items() if "best_model_path" in v), None)
+        for candidate in (Path(best), last.parent / Path(best).name) if best else ():
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"`--ckpt_path best`: the run of {last} recorded no best checkpoint ({best or 'none'}); pass"
+            f" `--ckpt_path last` or a checkpoint's path."
+        )
 
     def _check_ckpt(self) -> None:
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path is None:
+        cfg = self.config[self.subcommand]
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path is None or ckpt_path == "hpc":
             return
-        if ckpt_path == "last":
-            dirpath = self.config[self.subcommand]["checkpoint"].get("dirpath") or "checkpoints"
-            candidate = Path(dirpath) / "last.ckpt"
-            if candidate.exists():
-                check_checkpoint(candidate)
+        if ckpt_path in ("last", "best"):
+            path = self._find_checkpoint(ckpt_path, cfg)
+            cfg["ckpt_path"] = str(path)
+        else:
+            path = Path(ckpt_path)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"`--ckpt_path {ckpt_path}` does not exist: pass the path of a checkpoint written by"
+                    " `pflight fit` (e.g. <run folder>/checkpoints/last.ckpt), `last` or `best`."
+                )
+        ckpt = check_checkpoint(path)
+        rounds = ckpt[CHECKPOINT_KEY].get("rounds_completed", ckpt.get("epoch", -1) + 1)
+        verb = "resuming after" if self.subcommand == "fit" else "loading"
+        _say(f"{verb} round {rounds} from {path}")
+        saved = ckpt.get(CONFIG_KEY)
+        if saved is None:
             return
-        if ckpt_path in ("best", "hpc"):
-            return
-        if not Path(ckpt_path).exists():
-            raise FileNotFoundError(
-                f"`--ckpt_path {ckpt_path}` does not exist: pass the path of a checkpoint written by"
-                " `pflight fit` (e.g. checkpoints/last.ckpt) or `last`."
-            )
-        check_checkpoint(ckpt_path)
+        current = plain_config(cfg.as_dict())
+        changes = [
+            c
+            for c in config_changes(saved, current)
+            if not any(c[0] == k or c[0].startswith(k + ".") for k in _RESUME_FREE)
+        ]
+        if changes:
+            lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
+            _say(f"settings that differ from the checkpoint's run (this run's values apply):\n{lines}")
 
     @override
     def _parse_ckpt_path(self) -> None:
-        """Check the checkpoint (readable, written by pflight) before Lightning reads its hyperparameters."""
+        """Resolve and check the checkpoint; the command line, not the checkpoint, decides the settings.
+
+        (LightningCLI would overwrite the parsed configuration with the checkpoint's hyperparameters.)
+        """
         if self.config.get("subcommand"):
             self.subcommand = self.config["subcommand"]
             self._check_ckpt()
-        super()._parse_ckpt_path()
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``pflight`` console script."""
-    PflightCLI(args=args)
+    """The ``pflight`` console script; ``pflight configs`` lists the configs that ``--config NAME`` names."""
+    argv = sys.argv[1:] if args is None else list(args)
+    try:
+        if maybe_list_configs(argv):
+            return
+        argv = resolve_config_args(argv)
+    except ValueError as err:
+        raise SystemExit(f"pflight: error: {err}") from None
+    if args is None:  # the console script: LightningCLI reads sys.argv (and warns when also given args)
+        sys.argv[1:] = argv
+    PflightCLI(args=None if args is None else argv)
 
 
 if __name__ == "__main__":

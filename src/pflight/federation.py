@@ -19,6 +19,7 @@ from pflight.client import ClientContext, ClientModule
 from pflight.data.datamodule import FederatedDataModule, stream_seed
 from pflight.messages import Message
 from pflight.metrics import PersonalizedAccuracy, personalized_summary
+from pflight.prediction import PredictionTable, predict_clients
 from pflight.server import Server
 from pflight.store import ClientStateStore
 
@@ -73,6 +74,49 @@ def plain_backward(trainer: pl.Trainer) -> bool:
             return False
     module = trainer.lightning_module
     return not any(is_overridden(hook, module, pl.LightningModule) for hook in (*_BACKWARD_HOOKS, "backward"))
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse Lightning's data-parallel strategies: a federation shards clients, not batches.
+
+    DDP, FSDP or DeepSpeed would wrap the whole federation and wait forever for gradients that a round
+    never all-reduces (each process trains other clients); :class:`~pflight.strategies.FederatedStrategy`
+    launches the same processes without the wrapper.
+    """
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    from pflight.strategies import FederatedStrategy
+
+    if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, FederatedStrategy):
+        name = getattr(strategy, "strategy_name", None) or type(strategy).__name__
+        raise ValueError(
+            f"`--trainer.strategy {name}` wraps the federation in data parallelism, which a federation does not"
+            " use (a round trains different clients on each process and would wait forever): use"
+            " `--trainer.strategy federated` (with `--trainer.devices N`) to shard the clients over processes."
+        )
+
+
+def _do_nothing() -> None:
+    return None
+
+
+@contextmanager
+def _local_steps_uncounted(optimizers: Any) -> Iterator[None]:
+    """Keep the clients' local optimizer steps out of the Trainer's step count while inside.
+
+    Lightning counts every ``LightningOptimizer.step`` of a manual-optimization module as a global step;
+    a round takes as many as its clients' local steps (and none at all when an executor steps the
+    parameters itself), so the federation counts the round instead.
+    """
+    opts = optimizers if isinstance(optimizers, list) else [optimizers]
+    saved = [(o._on_before_step, o._on_after_step) for o in opts]
+    for o in opts:
+        o._on_before_step = o._on_after_step = _do_nothing
+    try:
+        yield
+    finally:
+        for o, (before, after) in zip(opts, saved, strict=True):
+            o._on_before_step, o._on_after_step = before, after
 
 
 @contextmanager
@@ -198,6 +242,9 @@ class Federation(pl.LightningModule):
         self._fallback_reason: str | None = None
         self._plain_backward: bool | None = None
         self.history: list[dict[str, Any]] = []
+        self.rounds_completed = 0
+        self._first_loss: float | None = None
+        self._diverged_warned = False
         self.last_evaluation: dict[str, dict[int, float]] = {}
         self.last_round_metrics: dict[int, dict[str, float]] = {}
         self._ready = False
@@ -217,6 +264,7 @@ class Federation(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         """Called on every process before the first round: check the config, initialize the server."""
+        check_strategy(self.trainer.strategy)
         dm = self.data
         dm.setup(stage)
         self.round_size(len(dm.train_clients))  # validates clients_per_round now, not mid-run
@@ -397,6 +445,29 @@ class Federation(pl.LightningModule):
         """Called at the start of fit: re-check whether backward may skip Lightning (callbacks may have changed)."""
         self._plain_backward = None
 
+    @override
+    def on_train_epoch_start(self) -> None:
+        """Called before each round: the last round is always evaluated, whatever ``eval_every`` says."""
+        trainer = self.trainer
+        last = (
+            trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.current_epoch + 1 >= trainer.max_epochs
+        ) or (trainer.max_steps is not None and trainer.max_steps > 0 and self.global_step + 1 >= trainer.max_steps)
+        trainer.check_val_every_n_epoch = 1 if last else self.eval_every
+
+    def _watch_divergence(self, loss: float, round_idx: int) -> None:
+        """Warn once when the round's training loss grows past 10x the first round's (a diverging run)."""
+        if self._first_loss is None:
+            self._first_loss = loss
+            return
+        if self._diverged_warned or not loss > 10.0 * max(self._first_loss, 1.0):
+            return
+        self._diverged_warned = True
+        rank_zero_warn(
+            f"round {round_idx + 1}: train/loss {loss:.4g} is {loss / max(self._first_loss, 1e-12):.3g}x the first"
+            f" round's ({self._first_loss:.4g}): the run is diverging. Lower the learning rate"
+            " (`--model.client.init_args.lr`); `--ckpt_path last` resumes with the new value."
+        )
+
     def train_client(self, client_id: int, round_idx: int, work: float = 1.0) -> tuple[Message | None, Tensor | None]:
         """Run client ``client_id``'s local training of round ``round_idx``; return (upload, mean loss).
 
@@ -426,7 +497,7 @@ class Federation(pl.LightningModule):
         if mean_loss is not None and not bool(torch.isfinite(mean_loss)):
             raise FloatingPointError(
                 f"client {client_id} produced a non-finite training loss ({float(mean_loss)}) in round"
-                f" {round_idx}: lower the learning rate (`--model.client.init_args.lr`) or use float32"
+                f" {round_idx + 1}: lower the learning rate (`--model.client.init_args.lr`) or use float32"
                 " precision. The last good checkpoint is kept; resume from it with `--ckpt_path last`."
             )
         self.store.put(client_id, client.client_state())
@@ -460,9 +531,18 @@ class Federation(pl.LightningModule):
 
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        """One communication round over this process's share of the sampled clients."""
-        with gc_frozen():
+        """One communication round over this process's share of the sampled clients.
+
+        The round counts as one optimizer step of the Trainer, whichever executor ran it and however many
+        local steps the clients took: ``trainer.global_step`` is the number of completed rounds, so
+        checkpoints, ``{step}`` in file names, ``max_steps`` and ``every_n_train_steps`` count rounds.
+        """
+        with gc_frozen(), _local_steps_uncounted(self.optimizers()):
             self._round()
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+        self.rounds_completed = self.current_epoch + 1
 
     def _round(self) -> None:
         round_idx = self.current_epoch
@@ -502,6 +582,7 @@ class Federation(pl.LightningModule):
             log["train/clients_straggling"] = float(len(work))
         if stats[1] > 0:
             log["train/loss"] = float(stats[0] / stats[1])
+            self._watch_divergence(log["train/loss"], round_idx)
         for name in sorted({n for m in self.last_round_metrics.values() for n in m}):
             values = [m[name] for m in self.last_round_metrics.values() if name in m]
             log[f"train/{name}"] = sum(values) / len(values)
@@ -541,16 +622,53 @@ class Federation(pl.LightningModule):
             self.evaluate_clients(list(range(self.data.num_clients)), "val")
 
     @override
+    def on_predict_model_eval(self) -> None:
+        """Same check as validation: each client is personalized (gradient steps) before it predicts."""
+        self.on_validation_model_eval()
+
+    @override
+    def predict_step(self, batch: Tensor, batch_idx: int) -> PredictionTable:
+        """Each client's personalized predictions on its test split (this process's share of the clients)."""
+        with gc_frozen():
+            return predict_clients(self, self.shard(batch.tolist()), "test")
+
+    @override
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """Personalized evaluation of every client on its test split."""
         with gc_frozen():
             self.evaluate_clients(list(range(self.data.num_clients)), "test")
 
+    def evaluation_round(self, stage: str) -> int:
+        """The round index that seeds personalization.
+
+        During fit the current round; under ``test`` and ``predict`` the last completed round of the
+        checkpoint (so a test right after fit and one from its checkpoint personalize alike).
+        """
+        if self.trainer.training or stage == "val":
+            return self.current_epoch
+        return max(self.rounds_completed - 1, 0)
+
+    def personalize_client(self, client_id: int, round_idx: int, stage: str) -> ClientContext:
+        """Make the client module client ``client_id``, personalized as for evaluation on split ``stage``.
+
+        The client receives the server's message for it, loads its persistent state (none for a new
+        client) and runs the algorithm's personalization on its train split, seeded by (seed, round,
+        client). Returns the context it was served in; the personalized model is ``self.client``.
+        """
+        client = self.client
+        ctx = self.context(client_id, round_idx, stage, EVAL_STREAM)
+        client.context = ctx
+        client.receive(self.server.message_for(client_id))
+        client.load_client_state(None if ctx.new_client else self.store.get(client_id, self.device))
+        with self._seeded(round_idx, client_id, EVAL_STREAM), torch.enable_grad():
+            client.personalize()
+        return ctx
+
     def evaluate_clients(self, client_ids: list[int], stage: str) -> dict[str, float]:
         """Personalize and evaluate ``client_ids`` on split ``stage``; log and return the summary."""
         eval_start = time.perf_counter()
         dm = self.data
-        round_idx = self.current_epoch
+        round_idx = self.evaluation_round(stage)
         seen = PersonalizedAccuracy(dm.num_clients)
         new = PersonalizedAccuracy(dm.num_clients)
         glob = PersonalizedAccuracy(dm.num_clients)
@@ -564,10 +682,7 @@ class Federation(pl.LightningModule):
                 client.receive(global_message)
                 c, t, _ = client.evaluate(stage)
                 glob.update(k, c, t)
-            client.receive(self.server.message_for(k))
-            client.load_client_state(None if ctx.new_client else self.store.get(k, self.device))
-            with self._seeded(round_idx, k, EVAL_STREAM), torch.enable_grad():
-                client.personalize()
+            self.personalize_client(k, round_idx, stage)
             c, t, loss = client.evaluate(stage)
             (new if ctx.new_client else seen).update(k, c, t)
             if not ctx.new_client:
@@ -633,6 +748,8 @@ class Federation(pl.LightningModule):
             "store": store,
             "history": list(self.history),
             "initial_state": self.client.initial_state(),
+            "rounds_completed": self.rounds_completed,
+            "first_loss": self._first_loss,
         }
 
     @override
@@ -656,3 +773,9 @@ class Federation(pl.LightningModule):
         self.server.load_state_dict(state["server"])
         self.store.load_state_dict(state["store"])
         self.history = list(state["history"])
+        self.rounds_completed = int(state.get("rounds_completed", checkpoint.get("epoch", -1) + 1))
+        self._first_loss = state.get("first_loss")
+        # The local optimizers are rebuilt from this run's settings each round (their state is cleared every
+        # round); restoring the checkpoint's param groups would bring back its learning rate, momentum, ...
+        # and silently override the command line. Only this run's hyperparameters apply.
+        checkpoint["optimizer_states"] = []

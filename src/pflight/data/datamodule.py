@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pflight.data.datasets import DataSource, resolve_source
 from pflight.data.partitioners import DirichletPartitioner, Partitioner
@@ -104,6 +104,11 @@ class _Once(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         return self.ids
+
+
+def _only(items: list[Tensor]) -> Tensor:
+    """Collate a batch of one item into the item."""
+    return items[0]
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -281,6 +286,17 @@ class FederatedDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """One item per test: every client id (seen and new)."""
         return self._ids_loader(list(range(self.num_clients)))
+
+    def predict_dataloader(self) -> DataLoader:
+        """One item per prediction, in every process: every client id (seen and new).
+
+        The sampler is already a (one-replica) ``DistributedSampler``, so Lightning does not split the one
+        item over processes (it would leave all but one process without it; the federation shards the
+        clients itself), and batches of one let Lightning's prediction writers track batch indices.
+        """
+        ids = _Once(torch.arange(self.num_clients))
+        sampler = DistributedSampler(ids, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(ids, batch_size=1, sampler=sampler, collate_fn=_only)
 
     def state_dict(self) -> dict:
         """What identifies this partition, checked when a checkpoint is loaded."""
