@@ -20,6 +20,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+import pflight.algorithms  # noqa: F401 - the algorithms: listed by --help, named by short class name
+import pflight.models  # noqa: F401 - the networks, likewise
 from pflight.callbacks import ClientPredictionWriter, FederationCheckpoint, RoundProgressBar
 from pflight.data import FederatedDataModule
 from pflight.federation import CHECKPOINT_KEY, Federation
@@ -278,18 +280,106 @@ class PflightCLI(LightningCLI):
             self._check_ckpt()
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The values of ``--config``/``--config=``/``-c`` in ``args``.
+
+    >>> config_files(["fit", "--config", "a.yaml", "--config=b.yaml", "-c", "c.yaml", "--x", "1"])
+    ['a.yaml', 'b.yaml', 'c.yaml']
+    """
+    out = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif arg.startswith("--config="):
+            out.append(arg.split("=", 1)[1])
+    return out
+
+
+def check_config_file(path: str) -> None:
+    """Refuse a config file that is not YAML, is empty or is not a mapping, naming the file and the place.
+
+    >>> import tempfile
+    >>> bad = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    >>> _ = bad.write("model:\\n  client: [1,\\n"); bad.close()
+    >>> check_config_file(bad.name)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: `--config ...` is not valid YAML (line 3, column 1: expected the node content, ...): fix the file.
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        return  # a name, inline YAML or a missing file: the parser reports it
+    try:
+        content = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"`--config {path}` is not valid YAML ({where}{problem}): fix the file.") from None
+    if content is None:
+        raise ValueError(
+            f"`--config {path}` is empty: give it at least one of the sections `trainer:`, `model:`, `data:`"
+            " (`pflight configs` lists complete examples)."
+        )
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"`--config {path}` holds a {type(content).__name__}, not a mapping of sections (`trainer:`,"
+            " `model:`, `data:`)."
+        )
+
+
+# what a wrong setting raises (with pflight's own one-line message); anything else keeps its traceback
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message for a configuration error, or None when ``err`` is not one.
+
+    The innermost user error of the exception chain speaks: jsonargparse wraps a constructor's
+    ``ValueError`` in its own union-type errors.
+
+    >>> try:
+    ...     try:
+    ...         raise ValueError("`alpha=0` must be > 0.")
+    ...     except ValueError as inner:
+    ...         raise TypeError("Does not validate against any of the Union subtypes") from inner
+    ... except TypeError as outer:
+    ...     user_error_message(outer)
+    '`alpha=0` must be > 0.'
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    users = [e for e in chain if isinstance(e, _USER_ERRORS)]
+    if not users:
+        return None
+    return str(users[-1]).strip().splitlines()[0] if str(users[-1]).strip() else type(users[-1]).__name__
+
+
 def main(args: list[str] | None = None) -> None:
-    """The ``pflight`` console script; ``pflight configs`` lists the configs that ``--config NAME`` names."""
+    """The ``pflight`` console script; ``pflight configs`` lists the configs that ``--config NAME`` names.
+
+    A wrong setting stops the run with one line (``pflight: error: ...``, exit code 1) that names the
+    setting and the fix; ``PFLIGHT_TRACEBACK=1`` shows the full traceback instead.
+    """
     argv = sys.argv[1:] if args is None else list(args)
     try:
         if maybe_list_configs(argv):
             return
         argv = resolve_config_args(argv)
-    except ValueError as err:
-        raise SystemExit(f"pflight: error: {err}") from None
-    if args is None:  # the console script: LightningCLI reads sys.argv (and warns when also given args)
-        sys.argv[1:] = argv
-    PflightCLI(args=None if args is None else argv)
+        for path in config_files(argv):
+            check_config_file(path)
+        if args is None:  # the console script: LightningCLI reads sys.argv (and warns when also given args)
+            sys.argv[1:] = argv
+        PflightCLI(args=None if args is None else argv)
+    except _USER_ERRORS as err:
+        message = user_error_message(err)
+        if message is None or os.environ.get("PFLIGHT_TRACEBACK"):
+            raise
+        raise SystemExit(f"pflight: error: {message}") from None
 
 
 if __name__ == "__main__":

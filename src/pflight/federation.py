@@ -243,7 +243,6 @@ class Federation(pl.LightningModule):
         self._plain_backward: bool | None = None
         self.history: list[dict[str, Any]] = []
         self.rounds_completed = 0
-        self._first_loss: float | None = None
         self._diverged_warned = False
         self.last_evaluation: dict[str, dict[int, float]] = {}
         self.last_round_metrics: dict[int, dict[str, float]] = {}
@@ -455,16 +454,14 @@ class Federation(pl.LightningModule):
         trainer.check_val_every_n_epoch = 1 if last else self.eval_every
 
     def _watch_divergence(self, loss: float, round_idx: int) -> None:
-        """Warn once when the round's training loss grows past 10x the first round's (a diverging run)."""
-        if self._first_loss is None:
-            self._first_loss = loss
-            return
-        if self._diverged_warned or not loss > 10.0 * max(self._first_loss, 1.0):
+        """Warn once when the round's training loss is past 10x a chance-level classifier's (ln C): divergence."""
+        chance = math.log(max(self.data.num_classes, 2))
+        if self._diverged_warned or not loss > 10.0 * max(chance, 1.0):
             return
         self._diverged_warned = True
         rank_zero_warn(
-            f"round {round_idx + 1}: train/loss {loss:.4g} is {loss / max(self._first_loss, 1e-12):.3g}x the first"
-            f" round's ({self._first_loss:.4g}): the run is diverging. Lower the learning rate"
+            f"round {round_idx + 1}: train/loss {loss:.4g} is {loss / chance:.3g}x the loss of a classifier that"
+            f" guesses (ln {self.data.num_classes} = {chance:.3g}): the run is diverging. Lower the learning rate"
             " (`--model.client.init_args.lr`); `--ckpt_path last` resumes with the new value."
         )
 
@@ -749,7 +746,6 @@ class Federation(pl.LightningModule):
             "history": list(self.history),
             "initial_state": self.client.initial_state(),
             "rounds_completed": self.rounds_completed,
-            "first_loss": self._first_loss,
         }
 
     @override
@@ -774,7 +770,6 @@ class Federation(pl.LightningModule):
         self.store.load_state_dict(state["store"])
         self.history = list(state["history"])
         self.rounds_completed = int(state.get("rounds_completed", checkpoint.get("epoch", -1) + 1))
-        self._first_loss = state.get("first_loss")
         # The local optimizers are rebuilt from this run's settings each round (their state is cleared every
         # round); restoring the checkpoint's param groups would bring back its learning rate, momentum, ...
         # and silently override the command line. Only this run's hyperparameters apply.

@@ -1,0 +1,106 @@
+"""Bad input gets one short line naming the setting and the fix; divergence gets a warning; help lists the
+algorithms."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pflight.cli import main
+
+ROOT = Path(__file__).parents[1]
+QUICK = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger", "false"]
+
+
+def error_of(args):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    message = str(info.value.code)
+    assert message.startswith("pflight: error: ")
+    assert "\n" not in message
+    return message
+
+
+def test_constructor_error_inside_a_union_is_one_line(tmp_path):
+    """Dirichlet alpha 0 (a ValueError inside jsonargparse's union check) prints pflight's own message."""
+    message = error_of(["fit", *QUICK, "--trainer.max_epochs", "1", "--data.partitioner.init_args.alpha", "0"])
+    assert "`DirichletPartitioner(alpha=0.0)`" in message
+    assert "alpha must be > 0" in message
+
+
+def test_one_line_on_stderr_in_a_real_process(tmp_path):
+    """As a user sees it: exit code 1, one error line on stderr, no traceback."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    args = [sys.executable, "-m", "pflight.cli", "fit", *QUICK, "--data.partitioner.init_args.alpha", "0"]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [line for line in done.stderr.splitlines() if line.startswith("pflight: error: ")]
+    assert len(errors) == 1
+
+
+def test_empty_and_broken_yaml_are_named(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert f"`--config {empty}` is empty" in error_of(["fit", "--config", str(empty)])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  client: [1,\n")
+    message = error_of(["fit", "--config", str(broken)])
+    assert f"`--config {broken}` is not valid YAML (line 3, column 1" in message
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    assert "holds a list, not a mapping" in error_of(["fit", "--config", str(listed)])
+
+
+def test_settings_checked_by_the_federation_are_one_line():
+    message = error_of(["fit", *QUICK, "--trainer.max_epochs", "1", "--data.num_clients", "3"])
+    assert "`Federation(clients_per_round=10)` is more than the 3 training clients" in message
+
+
+def test_traceback_on_request(monkeypatch):
+    monkeypatch.setenv("PFLIGHT_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="clients_per_round"):
+        main(["fit", *QUICK, "--trainer.max_epochs", "1", "--data.num_clients", "3"])
+
+
+def test_divergence_warns_once():
+    """lr 1e6 blows the loss up in round 1: the run warns (once) and names the learning rate."""
+    args = ["fit", *QUICK, "--trainer.max_epochs", "2", "--data.num_clients", "12", "--model.client.init_args.lr"]
+    with pytest.warns(UserWarning, match=r"round 1: train/loss .* the run is diverging.*init_args.lr") as record:
+        main([*args, "1e6"])
+    assert sum("diverging" in str(w.message) for w in record) == 1
+
+
+def test_no_divergence_warning_on_a_sane_run(recwarn):
+    main(["fit", *QUICK, "--trainer.max_epochs", "2", "--data.num_clients", "12"])
+    assert not [w for w in recwarn if "diverging" in str(w.message)]
+
+
+def test_help_lists_algorithms_and_short_names(capsys):
+    """`pflight fit --help` lists the algorithms; `--model.client.help FedAvg` documents FedAvg by short name."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for name in ("pflight.algorithms.FedAvg", "pflight.algorithms.PerFedAvg", "pflight.algorithms.Fedora"):
+        assert name in out, name
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.client.help", "FedAvg"])
+    out = capsys.readouterr().out
+    assert "pflight.algorithms.FedAvg" in out
+    assert "--model.client.lr" in out
+
+
+def test_test_subcommand_reports_the_checkpoint_round(capsys):
+    """`pflight test` of a round-3 checkpoint evaluates and reports round 3, not round 0 or 1."""
+    base = [*QUICK, "--data.num_clients", "6", "--model.clients_per_round", "3"]
+    main(["fit", *base, "--trainer.max_epochs", "3"])
+    capsys.readouterr()
+    main(["test", *base, "--ckpt_path", "last"])
+    out = capsys.readouterr().out
+    assert "loading round 3 from" in out
+    lines = {line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[1] for line in out.splitlines() if line.strip()}
+    assert lines.get("rounds") == "3"
+    assert lines.get("last evaluated round") == "3"
