@@ -268,3 +268,32 @@ def test_ddp_strategy_refused_at_once():
     """`--trainer.strategy ddp` stops before round 1 with a pointer to the federated strategy."""
     with pytest.raises(ValueError, match="--trainer.strategy federated"):
         PflightCLI(args=["fit", *QUICK, "--trainer.max_epochs", "1", "--trainer.strategy", "ddp"])
+
+
+class _ServerLrFrom(pl.Callback):
+    def __init__(self, round, lr):
+        self.round, self.lr = round, lr
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.round:
+            for group in pl_module.server._optimizer.param_groups:
+                group["lr"] = self.lr
+
+
+def _server_momentum(server_lr, rounds, tmp_path=None, ckpt_path=None, callbacks=()):
+    pl.seed_everything(0, verbose=False)
+    client = FedAvg(MLP(hidden=[8]), lr=0.1, server_optimizer=lambda p: torch.optim.SGD(p, lr=server_lr, momentum=0.9))
+    fed = Federation(client, clients_per_round=3)
+    cbs = [*callbacks, *([FederationCheckpoint(dirpath=str(tmp_path))] if tmp_path else [])]
+    trainer = make_trainer(rounds, enable_checkpointing=bool(tmp_path), callbacks=cbs)
+    trainer.fit(fed, datamodule=FederatedDataModule("digits", num_clients=6), ckpt_path=ckpt_path)
+    return fed.server.global_message().tensors
+
+
+def test_server_optimizer_keeps_its_momentum_and_takes_the_new_lr_on_resume(tmp_path):
+    """The server optimizer's momentum comes back from the checkpoint, its lr from this run."""
+    _server_momentum(1.0, 2, tmp_path / "a")
+    resumed = _server_momentum(0.5, 3, tmp_path / "b", ckpt_path=str(tmp_path / "a" / "last.ckpt"))
+    oracle = _server_momentum(1.0, 3, callbacks=[_ServerLrFrom(3, 0.5)])
+    for name in oracle:
+        assert torch.equal(resumed[name], oracle[name]), name

@@ -67,6 +67,26 @@ def weighted_average(
     return out
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Restore an optimizer's running state (moments, step counts) but keep its current hyperparameters.
+
+    ``Optimizer.load_state_dict`` also brings back the saved param groups' lr, betas, momentum, ...: on
+    resume the run's own settings (the command line) must win over the checkpoint's.
+
+    >>> w = torch.zeros(2, requires_grad=True)
+    >>> old = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    >>> w.grad = torch.ones(2); old.step()
+    >>> new = torch.optim.SGD([w], lr=0.5, momentum=0.9)
+    >>> load_optimizer_state(new, old.state_dict())
+    >>> new.param_groups[0]["lr"], new.state[w]["momentum_buffer"].tolist()
+    (0.5, [1.0, 1.0])
+    """
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, mine in zip(optimizer.param_groups, settings, strict=True):
+        group.update(mine)
+
+
 class Server:
     """Base class of server rules. Hooks do nothing until overridden.
 
@@ -204,4 +224,4 @@ class FedAvgServer(Server):
         self.global_state = {k: v.to(device) for k, v in state_dict["global_state"].items()}
         self._build_optimizer()
         if self._optimizer is not None and state_dict.get("optimizer") is not None:
-            self._optimizer.load_state_dict(state_dict["optimizer"])
+            load_optimizer_state(self._optimizer, state_dict["optimizer"])

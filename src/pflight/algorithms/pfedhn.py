@@ -33,7 +33,7 @@ from typing_extensions import override
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.data.datamodule import stream_seed
 from pflight.messages import Message
-from pflight.server import Server
+from pflight.server import Server, load_optimizer_state
 
 if TYPE_CHECKING:
     from pflight.federation import Federation
@@ -353,7 +353,7 @@ class PFedHNServer(Server):
         assert self.hypernetwork is not None
         assert self.optimizer is not None
         self.hypernetwork.load_state_dict(state_dict["hypernetwork"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        load_optimizer_state(self.optimizer, state_dict["optimizer"])
 
 
 # ---------------------------------------------------------------------------------------------- client
