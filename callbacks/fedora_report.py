@@ -58,6 +58,7 @@ class FedoraReport(Callback):
     ``P`` goes to ``fedora/propagation`` (a heat-map image) and ``fedora/propagation_table`` (client,
     source, weight), at the start of training; lambda_k of the clients that trained goes to
     ``train/lambda_hist`` after each round (the federation already logs the mean as ``train/lambda``).
+    Both are logged at the step of the round's scalars (the first round's for ``P``).
     Without a W&B logger, or with a server that has no ``propagation`` matrix, it does nothing.
 
     Args:
@@ -94,7 +95,7 @@ class FedoraReport(Callback):
             ),
         }
         for lg in loggers:
-            lg.experiment.log(payload)
+            lg.log_metrics(payload, step=trainer.current_epoch)
         self._matrix_logged = True
 
     @override
@@ -109,9 +110,9 @@ class FedoraReport(Callback):
             return
         import wandb
 
-        payload = {"train/lambda_hist": wandb.Histogram(values), "trainer/global_step": trainer.global_step}
-        for lg in loggers:
-            lg.experiment.log(payload)
+        payload = {"train/lambda_hist": wandb.Histogram(values)}
+        for lg in loggers:  # at Lightning's step for the round's scalars: the rounds before it
+            lg.log_metrics(payload, step=trainer.current_epoch)
 
     @override
     def state_dict(self) -> dict[str, Any]:

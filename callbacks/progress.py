@@ -12,7 +12,12 @@ from typing_extensions import override
 
 
 class RoundProgressBar(ProgressBar):
-    """One bar over ``max_epochs`` rounds, showing loss and the latest personalized accuracy."""
+    """One bar over ``max_epochs`` rounds, showing loss and the latest personalized accuracy.
+
+    The bar goes to stdout, as Lightning's ``TQDMProgressBar`` does (tqdm's own default is stderr), so
+    that progress and the summary table that follows it (``FederationSummary``) share one stream: stdout
+    is what a run shows and ``> run.log`` keeps, stderr is diagnostics (Lightning's notices, warnings).
+    """
 
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__()

@@ -12,7 +12,8 @@ class WandbClientReport(Callback):
     """Per-client accuracy to W&B after each evaluation.
 
     Logs ``<stage>/clients`` (a table: client, accuracy, kind) and ``<stage>/client_acc_hist`` (a
-    histogram) to every W&B logger of the Trainer; other loggers are left alone.
+    histogram) to every W&B logger of the Trainer, at the step of the round's scalars (so they share its
+    row with :class:`~pflight.wandb_resume.RoundWandbLogger`); other loggers are left alone.
     """
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -27,12 +28,13 @@ class WandbClientReport(Callback):
         ]
         accs = list(evaluation.get("personalized", {}).values())
         for lg in loggers:
-            lg.experiment.log(
+            # Lightning logs the round's scalars at step = the rounds before it, which is the current epoch
+            lg.log_metrics(
                 {
                     f"{stage}/clients": wandb.Table(columns=["client", "accuracy", "kind"], data=rows),
                     f"{stage}/client_acc_hist": wandb.Histogram(accs),
-                    "trainer/global_step": trainer.global_step,
-                }
+                },
+                step=trainer.current_epoch,
             )
 
     @override

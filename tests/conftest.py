@@ -20,6 +20,7 @@ def _isolate(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test runs in its own folder, offline for W&B, with torch's global state restored."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the CLI's --threads sets it
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     threads = torch.get_num_threads()

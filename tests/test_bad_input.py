@@ -101,6 +101,7 @@ def test_test_subcommand_reports_the_checkpoint_round(capsys):
     main(["test", *base, "--ckpt_path", "last"])
     out = capsys.readouterr().out
     assert "loading round 3 from" in out
-    lines = {line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[1] for line in out.splitlines() if line.strip()}
+    rows = [line.rsplit(None, 1) for line in out.splitlines()]
+    lines = {row[0].strip(): row[1] for row in rows if len(row) == 2}
     assert lines.get("rounds") == "3"
     assert lines.get("last evaluated round") == "3"

@@ -27,6 +27,7 @@ def quickstart_run(tmp_path_factory):
         cli = PflightCLI(args=["fit", "--config", QUICKSTART, "--trainer.max_epochs", "20"])
         import wandb
 
+        cli.wandb_run_dir = Path(cli.trainer.logger.experiment.dir).parent.resolve()  # where W&B put it
         wandb.finish()  # what process exit does for a user: flush the last history row
     finally:
         os.chdir(old)
@@ -44,7 +45,7 @@ def test_quickstart_beats_chance(quickstart_run):
 def test_wandb_offline_run_holds_logged_metrics(quickstart_run):
     """The offline W&B run file, read back from disk, holds every round's contracted metrics and the config."""
     cli, cwd = quickstart_run
-    files = list(cwd.glob("wandb/offline-run-*/run-*.wandb"))
+    files = list(cli.wandb_run_dir.glob("run-*.wandb"))
     assert len(files) == 1
     run = read_run(files[0])
     rows = [r for r in run["history"] if "val/personalized_acc" in r]
@@ -85,7 +86,7 @@ def test_print_config_composes_files(tmp_path, capsys):
     assert printed["model"]["client"]["init_args"]["lr"] == 0.3
     assert printed["model"]["client"]["class_path"] == "pflight.algorithms.FedAvgFT"
     assert printed["data"]["partitioner"]["class_path"] == "pflight.data.DirichletPartitioner"
-    assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
+    assert printed["trainer"]["logger"]["class_path"] == "pflight.wandb_resume.RoundWandbLogger"
 
 
 def test_wandb_offline_unless_credentials(monkeypatch, tmp_path):

@@ -38,6 +38,7 @@ def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "sync_dist" not in done.stderr
     with open(next(cwd.glob("version_*/metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     last = [r for r in rows if r.get("val/personalized_acc")][-1]

@@ -250,6 +250,7 @@ class _FakeWandb(WandbLogger):
     """A WandbLogger that records instead of starting a run."""
 
     def __init__(self) -> None:  # no W&B run
+        super().__init__(offline=True)
         self.run = _RecordingRun()
 
     @property
@@ -264,15 +265,16 @@ def test_fedora_report_logs_matrix_once_and_lambda_histograms() -> None:
     logger = _FakeWandb()
     server = SimpleNamespace(propagation=torch.tensor([[0.8, 0.2], [0.3, 0.7]]), client_ids=[0, 1])
     module = SimpleNamespace(server=server, last_round_metrics={0: {"lambda": 0.0}, 1: {"lambda": 1.4}})
-    trainer = SimpleNamespace(loggers=[logger], current_epoch=0, global_step=0)
+    trainer = SimpleNamespace(loggers=[logger], current_epoch=2, global_step=2)
     report = FedoraReport()
     report.on_train_start(trainer, module)  # type: ignore[arg-type]
     report.on_train_start(trainer, module)  # type: ignore[arg-type]
     report.on_train_epoch_end(trainer, module)  # type: ignore[arg-type]
     assert [sorted(p) for p in logger.run.logged] == [
-        ["fedora/propagation", "fedora/propagation_table"],
+        ["fedora/propagation", "fedora/propagation_table", "trainer/global_step"],
         ["train/lambda_hist", "trainer/global_step"],
     ]
+    assert [p["trainer/global_step"] for p in logger.run.logged] == [2, 2]  # the round's step, like its scalars
     assert isinstance(logger.run.logged[0]["fedora/propagation"], wandb.Image)
     assert isinstance(logger.run.logged[1]["train/lambda_hist"], wandb.Histogram)
     silent = SimpleNamespace(loggers=[], current_epoch=0, global_step=0)

@@ -8,15 +8,18 @@ per-client W&B reports and federation checkpoints (``--checkpoint.*``).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
@@ -26,6 +29,8 @@ from pflight.callbacks import ClientPredictionWriter, FederationCheckpoint, Roun
 from pflight.data import FederatedDataModule
 from pflight.federation import CHECKPOINT_KEY, Federation
 from pflight.named_configs import maybe_list_configs, plain_config, resolve_config_args
+from pflight.runtime import configure_threads, quiet_run
+from pflight.wandb_resume import resume_wandb_args
 
 CONFIG_KEY = "pflight_config"
 
@@ -104,6 +109,7 @@ _RESUME_FREE = (
     "ckpt_path",
     "config",
     "predictions",
+    "threads",
     "trainer.max_epochs",
     "trainer.max_steps",
     "trainer.logger",
@@ -129,6 +135,7 @@ _DEFAULT_CALLBACKS = [
     {"class_path": "pflight.callbacks.RoundProgressBar"},
     {"class_path": "pflight.callbacks.FederationSummary"},
     {"class_path": "pflight.callbacks.WandbClientReport"},
+    {"class_path": "pflight.wandb_resume.WandbResume"},
 ]
 
 
@@ -150,7 +157,7 @@ class PflightCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         trainer_defaults = {
             "logger": {
-                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "class_path": "pflight.wandb_resume.RoundWandbLogger",
                 "init_args": {"project": "pflight", "save_dir": ".", "offline": wandb_offline()},
             },
             "inference_mode": False,
@@ -177,6 +184,13 @@ class PflightCLI(LightningCLI):
         """Federation checkpoints as their own group (``--checkpoint.*``); the default callbacks as defaults."""
         parser.add_lightning_class_args(FederationCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ClientPredictionWriter, "predictions")
+        parser.add_argument(
+            "--threads",
+            type=int | str | None,
+            default="auto",
+            help="torch intra-op threads per process: 'auto' (1, or OMP_NUM_THREADS when set), a number, or null"
+            " (torch's default)",
+        )
         parser.set_defaults({"trainer.callbacks": _DEFAULT_CALLBACKS})
 
     @override
@@ -193,6 +207,26 @@ class PflightCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, RoundProgressBar)]
         config["callbacks"] = callbacks
         return self._instantiate_trainer(config, extra)
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        """Set up before anything is built: torch's threads (``--threads``) and the W&B run to continue.
+
+        On ``fit --ckpt_path``, W&B loggers continue the checkpoint's run (its id is in the checkpoint).
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        configure_threads(config.get("threads", "auto"))
+        if self.subcommand != "fit" or config.get("ckpt_path") in (None, "hpc"):
+            return
+        checkpoint = check_checkpoint(config["ckpt_path"])  # resolved by _check_ckpt
+        loggers = config["trainer"].get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if not isinstance(logger, Namespace) or "class_path" not in logger:
+                continue
+            module, _, name = logger.class_path.rpartition(".")
+            if issubclass(getattr(importlib.import_module(module), name), WandbLogger):
+                args = resume_wandb_args(checkpoint, logger.get("init_args", Namespace()).as_dict())
+                logger.init_args = Namespace(**args)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_roots(self, cfg: Any) -> list[Path]:
@@ -300,7 +334,7 @@ def check_config_file(path: str) -> None:
 
     >>> import tempfile
     >>> bad = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    >>> _ = bad.write("model:\\n  client: [1,\\n"); bad.close()
+    >>> _ = bad.write(chr(10).join(["model:", "  client: [1,", ""])); bad.close()
     >>> check_config_file(bad.name)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ValueError: `--config ...` is not valid YAML (line 3, column 1: expected the node content, ...): fix the file.
@@ -365,6 +399,7 @@ def main(args: list[str] | None = None) -> None:
     A wrong setting stops the run with one line (``pflight: error: ...``, exit code 1) that names the
     setting and the fix; ``PFLIGHT_TRACEBACK=1`` shows the full traceback instead.
     """
+    quiet_run()
     argv = sys.argv[1:] if args is None else list(args)
     try:
         if maybe_list_configs(argv):

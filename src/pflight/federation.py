@@ -270,6 +270,7 @@ class Federation(pl.LightningModule):
         self._check_output_size(dm)
         if self.trainer.check_val_every_n_epoch != self.eval_every and stage == "fit":
             self.trainer.check_val_every_n_epoch = self.eval_every
+        self.trainer.log_every_n_steps = 1  # a step is a round: log every round's metrics
         if not self._ready:
             self.client.capture_initial_state()
             self.server.setup(self)
@@ -583,7 +584,9 @@ class Federation(pl.LightningModule):
         for name in sorted({n for m in self.last_round_metrics.values() for n in m}):
             values = [m[name] for m in self.last_round_metrics.values() if name in m]
             log[f"train/{name}"] = sum(values) / len(values)
-        self.log_dict(log, on_epoch=True, on_step=False, batch_size=1)
+        # at the round's step, before its evaluation and checkpoint: Lightning logs epoch-end metrics after
+        # `on_train_epoch_end`, where the checkpoint is written, so a run resumed from it never logged them
+        self.log_dict(log, on_step=True, on_epoch=False, batch_size=1, sync_dist=True)
 
     def gather_uploads(self, uploads: dict[int, Message]) -> dict[int, Message]:
         """Collect every process's uploads (identity in a single process), sorted by client id."""
@@ -709,7 +712,7 @@ class Federation(pl.LightningModule):
             out[f"{stage}/new_clients_acc"] = n["mean"]
             out[f"{stage}/new_clients_acc_weighted"] = n["weighted"]
         out[f"{stage}/eval_s"] = time.perf_counter() - eval_start
-        self.log_dict(out, on_epoch=True, on_step=False, batch_size=1)
+        self.log_dict(out, on_epoch=True, on_step=False, batch_size=1, sync_dist=True)
         self.last_evaluation = {
             "personalized": seen.per_client(),
             "new": new.per_client(),
