@@ -154,7 +154,7 @@ def step_times(makers: dict[str, Callable[[nn.Module], ClientModule]], args: arg
                 torch.cuda.synchronize()
             start = clock()
             client.training_step(step_batch, i).backward()
-            client.optimizer_step(opt)
+            client.local_optimizer_step(opt)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 5:

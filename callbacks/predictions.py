@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from pflight.callbacks.summary import shown_path
 from pflight.prediction import COLUMNS, PredictionTable, concat_tables, format_csv
 
 
@@ -88,4 +89,6 @@ class ClientPredictionWriter(BasePredictionWriter):
         path.write_text(format_csv(table))
         self.last_path = path
         clients = len(torch.unique(table["client"]))
-        rank_zero_info(f"Predictions of {clients} clients ({len(table['client'])} test samples) written to {path}")
+        rank_zero_info(
+            f"Predictions of {clients} clients ({len(table['client'])} test samples) written to {shown_path(path)}"
+        )

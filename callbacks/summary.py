@@ -54,7 +54,7 @@ def format_locations(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{what:<{width}}{where}" for what, where in rows)
 
 
-def _shown(path: str | os.PathLike) -> str:
+def shown_path(path: str | os.PathLike) -> str:
     """``path`` relative to the working directory when it lies inside it, else absolute."""
     path = os.path.abspath(path)
     relative = os.path.relpath(path)
@@ -66,12 +66,12 @@ def _logger_location(logger: Logger) -> tuple[str, str] | None:
         run = logger.experiment
         if getattr(run, "disabled", False):
             return None
-        run_dir = _shown(getattr(run, "sync_dir", None) or run.dir)
+        run_dir = shown_path(getattr(run, "sync_dir", None) or run.dir)
         if getattr(run, "offline", False):
             return "W&B run", f"{run_dir} (offline: `wandb sync {run_dir}` uploads it)"
         return "W&B run", f"{run.url} (local copy in {run_dir})"
     where = getattr(logger, "log_dir", None) or logger.save_dir
-    return (f"{type(logger).__name__} logs", _shown(where)) if where else None
+    return (f"{type(logger).__name__} logs", shown_path(where)) if where else None
 
 
 def run_locations(trainer: pl.Trainer, checkpoints: bool = True) -> list[tuple[str, str]]:
@@ -92,7 +92,7 @@ def run_locations(trainer: pl.Trainer, checkpoints: bool = True) -> list[tuple[s
             for label, path in (("best", callback.best_model_path), ("last", callback.last_model_path))
             if path
         ]
-        where = _shown(callback.dirpath) + os.sep + (f" ({', '.join(written)})" if written else " (none written)")
+        where = shown_path(callback.dirpath) + os.sep + (f" ({', '.join(written)})" if written else " (none written)")
         rows.append(("checkpoints", where))
     return rows
 

@@ -182,7 +182,7 @@ def test_pull_equals_lr_lambda_times_previous_minus_received() -> None:
         previous = float_state(oracle_net)
         loss = client.training_step((x, y), i)
         loss.backward()
-        client.optimizer_step(opt)
+        client.local_optimizer_step(opt)
         client.on_local_step_end()
         F.cross_entropy(oracle_net(x), y).backward()
         oracle_opt.step()

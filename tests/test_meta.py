@@ -126,7 +126,7 @@ def test_meta_sgd_alpha_gradient_is_minus_support_times_query_gradient():
     opt = client.configure_optimizers()
     client.on_local_train_start()
     client.training_step(None, 0).backward()
-    client.optimizer_step(opt)
+    client.local_optimizer_step(opt)
     upload = client.upload()
     (xs, ys), (xq, yq) = client.support_query()
     params = dict(client.net.named_parameters())
@@ -213,7 +213,7 @@ def test_per_fedavg_step_lands_on_pre_inner_weights(variant, hessian_batch):
     batches = random_batches(client.batches_per_step)
     opt = client.configure_optimizers()
     client.training_step(batches, 0).backward()
-    client.optimizer_step(opt)
+    client.local_optimizer_step(opt)
     # oracle: plain modules and torch.autograd.functional
     (x0, y0), (x1, y1) = batches[0], batches[1]
     names, shapes = list(w), [t.shape for t in w.values()]

@@ -27,7 +27,7 @@ import pflight.algorithms  # noqa: F401 - the algorithms: listed by --help, name
 import pflight.models  # noqa: F401 - the networks, likewise
 from pflight.callbacks import ClientPredictionWriter, FederationCheckpoint, RoundProgressBar
 from pflight.data import FederatedDataModule
-from pflight.federation import CHECKPOINT_KEY, Federation
+from pflight.federation import CHECKPOINT_KEY, Federation, check_strategy
 from pflight.named_configs import maybe_list_configs, plain_config, resolve_config_args
 from pflight.runtime import configure_threads, quiet_run
 from pflight.wandb_resume import resume_wandb_args
@@ -216,6 +216,7 @@ class PflightCLI(LightningCLI):
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         configure_threads(config.get("threads", "auto"))
+        self._check_strategy(config["trainer"].get("strategy"))
         if self.subcommand != "fit" or config.get("ckpt_path") in (None, "hpc"):
             return
         checkpoint = check_checkpoint(config["ckpt_path"])  # resolved by _check_ckpt
@@ -227,6 +228,17 @@ class PflightCLI(LightningCLI):
             if issubclass(getattr(importlib.import_module(module), name), WandbLogger):
                 args = resume_wandb_args(checkpoint, logger.get("init_args", Namespace()).as_dict())
                 logger.init_args = Namespace(**args)
+
+    @staticmethod
+    def _check_strategy(strategy: Any) -> None:
+        """Refuse a data-parallel strategy before any process or process group is started."""
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if isinstance(strategy, str) and strategy in StrategyRegistry:
+            check_strategy(StrategyRegistry[strategy]["strategy"], flag=strategy)
+        elif isinstance(strategy, Namespace) and "class_path" in strategy:
+            module, _, name = strategy.class_path.rpartition(".")
+            check_strategy(getattr(importlib.import_module(module), name), flag=strategy.class_path)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_roots(self, cfg: Any) -> list[Path]:

@@ -91,6 +91,54 @@ class ClientContext:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+_REDUCTIONS = {"mean", "sum", "max", "min"}
+
+
+def reduce_over_clients(per_client: Mapping[int, float], reduce_fx: str = "mean") -> float:
+    """Reduce the values that the clients of a round logged (one value per client) to the round's value.
+
+    >>> reduce_over_clients({3: 1.0, 7: 3.0}), reduce_over_clients({3: 1.0, 7: 3.0}, "sum")
+    (2.0, 4.0)
+    >>> reduce_over_clients({3: 1.0, 7: 3.0}, "max"), reduce_over_clients({3: 1.0, 7: 3.0}, "min")
+    (3.0, 1.0)
+    """
+    values = [per_client[k] for k in sorted(per_client)]
+    if reduce_fx == "sum":
+        return float(sum(values))
+    if reduce_fx == "max":
+        return float(max(values))
+    if reduce_fx == "min":
+        return float(min(values))
+    return float(sum(values) / len(values))
+
+
+class ClientLogs:
+    """What the clients of a round (or an evaluation) log with ``self.log``.
+
+    Each client's values are averaged over its calls, then reduced over the clients
+    (:func:`reduce_over_clients`).
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[int, list[float]]] = {}  # name -> client -> [sum, count]
+        self.reduce_fx: dict[str, str] = {}
+
+    def add(self, name: str, client_id: int, value: float, reduce_fx: str = "mean") -> None:
+        """Record one value that client ``client_id`` logged under ``name``."""
+        if self.reduce_fx.setdefault(name, reduce_fx) != reduce_fx:
+            raise ValueError(
+                f"`self.log({name!r}, ..., reduce_fx={reduce_fx!r})`: the name was logged with"
+                f" reduce_fx={self.reduce_fx[name]!r} before in this round; use one reduction per name."
+            )
+        entry = self.values.setdefault(name, {}).setdefault(client_id, [0.0, 0])
+        entry[0] += value
+        entry[1] += 1
+
+    def per_client(self) -> dict[str, dict[int, float]]:
+        """``name -> client -> the client's mean value``."""
+        return {name: {k: s / n for k, (s, n) in clients.items()} for name, clients in self.values.items()}
+
+
 class ClientModule(pl.LightningModule):
     """Base class of federated clients; as is, it is a FedAvg client (CE, upload weights).
 
@@ -99,7 +147,7 @@ class ClientModule(pl.LightningModule):
         receive(server message); load_client_state(store[k]); on_local_train_start()
         for batch_idx, batch in local batches (local_epochs passes, or local_steps batches):
             loss = training_step(batch, batch_idx)        # the algorithm
-            manual_backward(loss); optimizer_step(opt)    # Lightning precision and devices
+            manual_backward(loss); local_optimizer_step(opt)  # Lightning precision and devices
             on_local_step_end()
         on_local_train_end(); store[k] = client_state(); upload()
 
@@ -144,6 +192,44 @@ class ClientModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.context: ClientContext | None = None
         self._initial: dict[str, Tensor] = {}
+        self.logs: ClientLogs | None = None  # set by the federation while it runs the clients
+
+    # ------------------------------------------------------------------ logging
+    @override
+    def log(
+        self, name: str, value: Any, prog_bar: bool = False, *args: Any, reduce_fx: Any = "mean", **kwargs: Any
+    ) -> None:
+        """Log ``value`` for the client being served; the federation logs the round's value once per round.
+
+        Each client's values of ``name`` are averaged over its calls in the round, then reduced over the
+        round's clients by ``reduce_fx`` (``mean`` by default; ``sum``, ``max``, ``min``, or the torch
+        functions of those names), and logged as ``train/<name>`` during local training and
+        ``val/<name>`` / ``test/<name>`` during personalization and evaluation. Lightning's other
+        arguments (``on_step``, ``sync_dist``, ...) are accepted and have no effect: the federation decides
+        when and across which processes a round's values are reduced.
+        """
+        if self.logs is None or self.context is None:
+            raise RuntimeError(
+                f"`{type(self).__name__}.log({name!r}, ...)` is called outside a federation round: run the"
+                " client in a `pflight.Federation` (the federation logs what its clients log)."
+            )
+        fx = getattr(reduce_fx, "__name__", reduce_fx)
+        if fx not in _REDUCTIONS:
+            raise ValueError(
+                f"`self.log({name!r}, ..., reduce_fx={reduce_fx!r})`: use one of {sorted(_REDUCTIONS)} (or the"
+                " torch functions of those names)."
+            )
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"`self.log({name!r}, ...)` got a tensor of shape {tuple(value.shape)}: log a scalar.")
+            value = value.detach().float().item()
+        self.logs.add(name, self.context.client_id, float(value), fx)
+
+    @override
+    def log_dict(self, dictionary: Mapping[str, Any], *args: Any, reduce_fx: Any = "mean", **kwargs: Any) -> None:
+        """:meth:`log` for every entry of ``dictionary``."""
+        for name, value in dictionary.items():
+            self.log(name, value, reduce_fx=reduce_fx)
 
     # ------------------------------------------------------------------ setup
     def configure_server(self) -> Server:
@@ -187,8 +273,12 @@ class ClientModule(pl.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
-    def optimizer_step(self, optimizer: Any) -> None:  # type: ignore[override]
-        """Called after the loss's backward: step and zero the local optimizer."""
+    def local_optimizer_step(self, optimizer: Any) -> None:
+        """Called after the loss's backward: step and zero the local optimizer(s).
+
+        (Not Lightning's ``optimizer_step`` hook, which the federation's Trainer calls with its own
+        arguments: a local step is the client's to define.)
+        """
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

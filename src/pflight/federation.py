@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pflight.client import ClientContext, ClientModule
+from pflight.client import ClientContext, ClientLogs, ClientModule, reduce_over_clients
 from pflight.data.datamodule import FederatedDataModule, stream_seed
 from pflight.messages import Message
 from pflight.metrics import PersonalizedAccuracy, personalized_summary
@@ -76,7 +76,7 @@ def plain_backward(trainer: pl.Trainer) -> bool:
     return not any(is_overridden(hook, module, pl.LightningModule) for hook in (*_BACKWARD_HOOKS, "backward"))
 
 
-def check_strategy(strategy: Any) -> None:
+def check_strategy(strategy: Any, flag: str | None = None) -> None:
     """Refuse Lightning's data-parallel strategies: a federation shards clients, not batches.
 
     DDP, FSDP or DeepSpeed would wrap the whole federation and wait forever for gradients that a round
@@ -87,8 +87,9 @@ def check_strategy(strategy: Any) -> None:
 
     from pflight.strategies import FederatedStrategy
 
-    if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, FederatedStrategy):
-        name = getattr(strategy, "strategy_name", None) or type(strategy).__name__
+    cls = strategy if isinstance(strategy, type) else type(strategy)
+    if issubclass(cls, ParallelStrategy) and not issubclass(cls, FederatedStrategy):
+        name = flag or getattr(cls, "strategy_name", None) or cls.__name__
         raise ValueError(
             f"`--trainer.strategy {name}` wraps the federation in data parallelism, which a federation does not"
             " use (a round trains different clients on each process and would wait forever): use"
@@ -156,7 +157,7 @@ class Federation(pl.LightningModule):
                 client.receive(server.message_for(k)); client.load_client_state(store[k])
                 for batch in k's local batches:                # seeded by (seed, round, k)
                     loss = client.training_step(batch)        # the algorithm
-                    manual_backward(loss); client.optimizer_step(opt); client.on_local_step_end()
+                    manual_backward(loss); client.local_optimizer_step(opt); client.on_local_step_end()
                 store[k] = client.client_state(); uploads[k] = client.upload()
             server.update(uploads)
         validation_step(all client ids):                       # every `eval_every` rounds
@@ -484,9 +485,14 @@ class Federation(pl.LightningModule):
             steps = 0
             for batch_idx, batch in enumerate(self.local_batches(ctx, work)):
                 out = client.training_step(batch, batch_idx)
-                loss = out["loss"] if isinstance(out, dict) else out
+                if isinstance(out, dict):  # extra keys reach the round's metrics, like `self.log`
+                    loss = out["loss"]
+                    if len(out) > 1:
+                        client.log_dict({k: v for k, v in out.items() if k != "loss"})
+                else:
+                    loss = out
                 self.backward_step(loss)
-                client.optimizer_step(opts)
+                client.local_optimizer_step(opts)
                 client.on_local_step_end()
                 total = loss.detach().float() if total is None else total + loss.detach().float()
                 steps += 1
@@ -551,7 +557,11 @@ class Federation(pl.LightningModule):
         active = [k for k in sampled if k not in gone]
         mine = self.shard(active)
         train = self._train_vectorized if self.executor == "vectorized" else self._train_sequential
-        uploads, losses = train(mine, round_idx, work)
+        self.client.logs = client_logs = ClientLogs()
+        try:
+            uploads, losses = train(mine, round_idx, work)
+        finally:
+            self.client.logs = None
         local_s = time.perf_counter() - start
         uploads = self.gather_uploads(uploads)
         if not uploads and self.server.global_message() is not None:
@@ -584,9 +594,26 @@ class Federation(pl.LightningModule):
         for name in sorted({n for m in self.last_round_metrics.values() for n in m}):
             values = [m[name] for m in self.last_round_metrics.values() if name in m]
             log[f"train/{name}"] = sum(values) / len(values)
+        log.update(self._client_logs(client_logs, "train"))
         # at the round's step, before its evaluation and checkpoint: Lightning logs epoch-end metrics after
         # `on_train_epoch_end`, where the checkpoint is written, so a run resumed from it never logged them
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=1, sync_dist=True)
+
+    def _client_logs(self, logs: ClientLogs, stage: str) -> dict[str, float]:
+        """What the clients logged with ``self.log``, reduced over the clients of every process: ``stage/name``."""
+        per_client, reduce_fx = logs.per_client(), dict(logs.reduce_fx)
+        if self.trainer.world_size > 1:
+            parts: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, (per_client, reduce_fx))
+            per_client, reduce_fx = {}, {}
+            for values, fxs in parts:
+                for name, clients in values.items():
+                    per_client.setdefault(name, {}).update(clients)
+                reduce_fx.update(fxs)
+        return {
+            (name if name.startswith(f"{stage}/") else f"{stage}/{name}"): reduce_over_clients(clients, reduce_fx[name])
+            for name, clients in sorted(per_client.items())
+        }
 
     def gather_uploads(self, uploads: dict[int, Message]) -> dict[int, Message]:
         """Collect every process's uploads (identity in a single process), sorted by client id."""
@@ -674,6 +701,7 @@ class Federation(pl.LightningModule):
         glob = PersonalizedAccuracy(dm.num_clients)
         loss_sum, loss_n = 0.0, 0
         client = self.client
+        client.logs = client_logs = ClientLogs()
         for k in self.shard(client_ids):
             ctx = self.context(k, round_idx, stage, EVAL_STREAM)
             client.context = ctx
@@ -687,6 +715,7 @@ class Federation(pl.LightningModule):
             (new if ctx.new_client else seen).update(k, c, t)
             if not ctx.new_client:
                 loss_sum, loss_n = loss_sum + loss, loss_n + t
+        client.logs = None
         for metric in (seen, new, glob):
             metric.to(self.device)
             if self.trainer.world_size > 1:
@@ -711,6 +740,7 @@ class Federation(pl.LightningModule):
             n = personalized_summary(new.correct, new.total)
             out[f"{stage}/new_clients_acc"] = n["mean"]
             out[f"{stage}/new_clients_acc_weighted"] = n["weighted"]
+        out.update(self._client_logs(client_logs, stage))
         out[f"{stage}/eval_s"] = time.perf_counter() - eval_start
         self.log_dict(out, on_epoch=True, on_step=False, batch_size=1, sync_dist=True)
         self.last_evaluation = {

@@ -49,7 +49,7 @@ from pflight.algorithms.meta_functional import (
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.data.datamodule import stream_seed
 from pflight.messages import Message
-from pflight.server import FedAvgServer, Server
+from pflight.server import FedAvgServer, Server, load_optimizer_state
 
 if TYPE_CHECKING:
     from pflight.federation import Federation
@@ -808,11 +808,11 @@ class Reptile(ClientModule):
         return optimizers[0] if isinstance(optimizers, list) else optimizers
 
     @override
-    def optimizer_step(self, optimizer: Any) -> None:
+    def local_optimizer_step(self, optimizer: Any) -> None:
         """Step the local optimizer (restoring this client's saved state before its first step)."""
         opt = self.select_optimizer(optimizer)
         if self._used_optimizer is None and self.persists() and self._saved_optimizer is not None:
-            _unwrap(opt).load_state_dict(self._saved_optimizer)
+            load_optimizer_state(_unwrap(opt), self._saved_optimizer)  # this run's lr, the saved moments
         self._used_optimizer = _unwrap(opt)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -508,7 +508,7 @@ class PFedHN(ClientModule):
                 self._private_optimizer.state[p] = _copy_state(self._private_optimizer_state[name], p.device)
 
     @override
-    def optimizer_step(self, optimizer: Any) -> None:
+    def local_optimizer_step(self, optimizer: Any) -> None:
         """Step (PC: the private head too); the clipping happens in :meth:`on_before_optimizer_step`."""
         optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
         for opt in optimizers:
@@ -579,7 +579,7 @@ class PFedHN(ClientModule):
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
-                self.optimizer_step(optimizers)
+                self.local_optimizer_step(optimizers)
         self.net.train(was_training)
         if private:
             self._adapted = (ctx.client_id, self._private_state())
