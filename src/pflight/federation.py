@@ -16,12 +16,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from pflight.client import ClientContext, ClientLogs, ClientModule, reduce_over_clients
-from pflight.data.datamodule import FederatedDataModule, stream_seed
+from pflight.data.datamodule import FederatedDataModule
 from pflight.messages import Message
 from pflight.metrics import PersonalizedAccuracy, personalized_summary
 from pflight.prediction import PredictionTable, predict_clients
 from pflight.server import Server
 from pflight.store import ClientStateStore
+from pflight.streams import Stream, stream_seed
 
 try:
     import resource
@@ -29,10 +30,6 @@ except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
 CHECKPOINT_KEY = "pflight"
-
-# stream purposes: independent generators per (seed, round, client, purpose); executors that
-# reproduce local training (pflight.vectorized) use TRAIN_STREAM for the same batch order
-TRAIN_STREAM, EVAL_STREAM, _SAMPLE, _FAULT = 0, 1, 2, 3
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -317,7 +314,7 @@ class Federation(pl.LightningModule):
         m = self.round_size(len(candidates))
         if m == len(candidates):
             return list(candidates)
-        g = torch.Generator().manual_seed(stream_seed(self.data.seed, round_idx, 2**31 - 1, _SAMPLE))
+        g = torch.Generator().manual_seed(stream_seed(self.data.seed, round_idx, 2**31 - 1, Stream.SAMPLE))
         pick = torch.randperm(len(candidates), generator=g)[:m]
         return sorted(candidates[int(i)] for i in pick)
 
@@ -353,7 +350,7 @@ class Federation(pl.LightningModule):
         Goes through the generators directly: ``torch.manual_seed`` records a stack trace per call,
         which costs milliseconds per client.
         """
-        seed = stream_seed(self.data.seed, round_idx, client_id, purpose + 100)
+        seed = stream_seed(self.data.seed, round_idx, client_id, purpose + Stream.GLOBAL_OFFSET)
         generators = [torch.default_generator]
         if self.device.type == "cuda":
             generators.append(torch.cuda.default_generators[self.device.index or 0])
@@ -411,7 +408,7 @@ class Federation(pl.LightningModule):
             return [], {}
         dropped, work = [], {}
         for k in client_ids:
-            u = torch.rand(2, generator=self.data.generator(round_idx, k, _FAULT))
+            u = torch.rand(2, generator=self.data.generator(round_idx, k, Stream.FAULT))
             if float(u[0]) < self.dropout_rate:
                 dropped.append(k)
             elif float(u[1]) < self.straggler_rate:
@@ -473,13 +470,13 @@ class Federation(pl.LightningModule):
         ``work`` < 1 makes the client a straggler that completes only that share of its local steps.
         """
         client = self.client
-        ctx = self.context(client_id, round_idx, "train", TRAIN_STREAM)
+        ctx = self.context(client_id, round_idx, "train", Stream.TRAIN)
         client.context = ctx
         client.receive(self.server.message_for(client_id))
         client.load_client_state(self.store.get(client_id, self.device))
         client.zero_grad(set_to_none=True)
         opts = self._reset_optimizers()
-        with self._seeded(round_idx, client_id, TRAIN_STREAM):
+        with self._seeded(round_idx, client_id, Stream.TRAIN):
             client.on_local_train_start()
             total: Tensor | None = None
             steps = 0
@@ -683,11 +680,11 @@ class Federation(pl.LightningModule):
         client). Returns the context it was served in; the personalized model is ``self.client``.
         """
         client = self.client
-        ctx = self.context(client_id, round_idx, stage, EVAL_STREAM)
+        ctx = self.context(client_id, round_idx, stage, Stream.EVAL)
         client.context = ctx
         client.receive(self.server.message_for(client_id))
         client.load_client_state(None if ctx.new_client else self.store.get(client_id, self.device))
-        with self._seeded(round_idx, client_id, EVAL_STREAM), torch.enable_grad():
+        with self._seeded(round_idx, client_id, Stream.EVAL), torch.enable_grad():
             client.personalize()
         return ctx
 
@@ -703,7 +700,7 @@ class Federation(pl.LightningModule):
         client = self.client
         client.logs = client_logs = ClientLogs()
         for k in self.shard(client_ids):
-            ctx = self.context(k, round_idx, stage, EVAL_STREAM)
+            ctx = self.context(k, round_idx, stage, Stream.EVAL)
             client.context = ctx
             global_message = self.server.global_message()
             if global_message is not None and not ctx.new_client:

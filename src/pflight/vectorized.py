@@ -47,9 +47,9 @@ from typing_extensions import override
 
 from pflight.client import ClientContext, ClientModule, float_state, load_float_state
 from pflight.data.datamodule import ClientData, FederatedDataModule
-from pflight.federation import TRAIN_STREAM  # the generator purpose of local training: the same batch order
 from pflight.fused_mlp import Layer, fused_sgd_step_, mlp_layers, sgd_update_
 from pflight.messages import Message
+from pflight.streams import Stream  # Stream.TRAIN: the generator of local training, for the same batch order
 
 if TYPE_CHECKING:
     from pflight.federation import Federation
@@ -906,7 +906,7 @@ def train_clients(
         return {}, []
     algorithm = _builtin()[type(federation.client)]
     client = federation.client
-    contexts = [federation.context(k, round_idx, "train", TRAIN_STREAM) for k in client_ids]
+    contexts = [federation.context(k, round_idx, "train", Stream.TRAIN) for k in client_ids]
     work = work or {}
     plans = [algorithm.plan(federation, ctx, work.get(k, 1.0)) for k, ctx in zip(client_ids, contexts, strict=True)]
     for k, plan in zip(client_ids, plans, strict=True):

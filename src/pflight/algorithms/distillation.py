@@ -38,12 +38,11 @@ from typing_extensions import override
 
 from pflight.algorithms.baselines import FedAvg
 from pflight.client import OptimizerCallable, float_state, load_float_state
-from pflight.data.datamodule import stream_seed
 from pflight.messages import Message
+from pflight.streams import Stream, stream_seed
 
 KD_REDUCTIONS = ("batchmean", "mean")
 FISHER_DATA = ("train", "public")
-_LOCAL_ONLY_STREAM = 0x10CA1  # the local-only model's batch order
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -298,7 +297,7 @@ class LocalAdaptation(FedAvg):
         net.train()
         opt = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         # its own generator, seeded by the client alone: the same model whichever round first builds it
-        gen = torch.Generator().manual_seed(stream_seed(self.context.client_id, _LOCAL_ONLY_STREAM))
+        gen = torch.Generator().manual_seed(stream_seed(self.context.client_id, Stream.LOCAL_ONLY))
         ctx = self.context
         for x, y in ctx.data.batches("train", ctx.batch_size, gen, epochs=self.local_only_epochs):
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)

@@ -39,16 +39,15 @@ from typing_extensions import override
 
 from pflight.algorithms.distillation import kd_loss
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
-from pflight.data.datamodule import stream_seed
 from pflight.data.datasets import DataSource
 from pflight.messages import Message
 from pflight.server import Server, aggregation_weights
+from pflight.streams import Stream, stream_seed
 
 if TYPE_CHECKING:
     from pflight.federation import Federation
 
 DIGEST_LOSSES = ("l1_logits", "mse_logits", "kl_T")
-_SUBSET_STREAM = 0xFED3D  # the server's stream of public subsets
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -176,7 +175,7 @@ class FedMDServer(Server):
 
     def draw(self, round_idx: int) -> Tensor:
         """The public subset of round ``round_idx``."""
-        g = torch.Generator().manual_seed(stream_seed(self.seed or 0, round_idx, _SUBSET_STREAM))
+        g = torch.Generator().manual_seed(stream_seed(self.seed or 0, round_idx, Stream.FEDMD_SUBSET))
         return stratified_subset(self.labels, self.subset_size, g)
 
     @override

@@ -34,11 +34,10 @@ from typing_extensions import override
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
 from pflight.server import Server
+from pflight.streams import Stream
 
 if TYPE_CHECKING:
     from pflight.federation import Federation
-
-_SIGNATURE_PURPOSE = 3  # stream id of the (unused) generator in the one-time signature context
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -270,7 +269,7 @@ class FedoraServer(Server):
         try:
             sigs = []
             for k in ids:
-                client.context = federation.context(k, 0, "train", _SIGNATURE_PURPOSE)
+                client.context = federation.context(k, 0, "train", Stream.FEDORA_SIGNATURE)
                 sigs.append(client.signature(num_classes, labeled=labeled, rank=self.signature_rank).tensors["u"].cpu())
         finally:
             client.context = saved

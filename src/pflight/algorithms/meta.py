@@ -47,14 +47,13 @@ from pflight.algorithms.meta_functional import (
     upcast,
 )
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
-from pflight.data.datamodule import stream_seed
 from pflight.messages import Message
 from pflight.server import FedAvgServer, Server, load_optimizer_state
+from pflight.streams import Stream, stream_seed
 
 if TYPE_CHECKING:
     from pflight.federation import Federation
 
-_SUPPORT_SALT = 0x5EED  # a client's support/query split is fixed across rounds: seeded by its id (and this salt)
 META_SGD_PREFIX = "inner_lr/"  # Meta-SGD's learned learning rates in the global state: "inner_lr/<param name>"
 PER_FEDAVG_VARIANTS = ("maml", "fo", "hf")
 HESSIAN_BATCHES = ("independent", "inner")
@@ -426,7 +425,7 @@ class MAML(ClientModule):
                 f"`{type(self).__name__}.support_query()` needs a client context: run it in a federation."
             )
         x, y = ctx.data.split("train")
-        gen = torch.Generator().manual_seed(stream_seed(ctx.client_id, _SUPPORT_SALT))
+        gen = torch.Generator().manual_seed(stream_seed(ctx.client_id, Stream.META_SUPPORT))
         s, q = support_query_split(len(y), self.support_fraction, gen)
         dev = ctx.device
         return (x[s].to(dev), y[s].to(dev)), (x[q].to(dev), y[q].to(dev))

@@ -31,14 +31,12 @@ from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
-from pflight.data.datamodule import stream_seed
 from pflight.messages import Message
 from pflight.server import Server, load_optimizer_state
+from pflight.streams import Stream, stream_seed
 
 if TYPE_CHECKING:
     from pflight.federation import Federation
-
-_HYPER_INIT_STREAM = 0x48594E  # seeds the hypernetwork's initialization from the data seed
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -250,7 +248,7 @@ class PFedHNServer(Server):
         self.train_clients = list(dm.train_clients)
         self.new_clients = set(dm.new_clients)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream_seed(dm.seed, _HYPER_INIT_STREAM))
+            torch.manual_seed(stream_seed(dm.seed, Stream.PFEDHN_INIT))
             self.hypernetwork = HyperNetwork.for_target(
                 federation.client.net,
                 dm.num_clients,

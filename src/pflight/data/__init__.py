@@ -1,6 +1,6 @@
 """Federated data: sources, partitioners and the data module."""
 
-from pflight.data.datamodule import ClientData, FederatedDataModule, stream_seed
+from pflight.data.datamodule import ClientData, FederatedDataModule
 from pflight.data.datasets import (
     CIFAR10,
     CIFAR100,
@@ -20,6 +20,7 @@ from pflight.data.partitioners import (
     label_entropy,
     rotate_images,
 )
+from pflight.streams import stream_seed
 
 __all__ = [
     "CIFAR10",

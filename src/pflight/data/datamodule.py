@@ -19,17 +19,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pflight.data.datasets import DataSource, resolve_source
 from pflight.data.partitioners import DirichletPartitioner, Partitioner
+from pflight.streams import Stream, stream_seed
 
 SPLITS = ("train", "val", "test")
-
-
-def stream_seed(*parts: int) -> int:
-    """A 63-bit seed derived from integers, stable across processes and Python versions.
-
-    >>> stream_seed(0, 1, 2) == stream_seed(0, 1, 2), stream_seed(0, 1, 2) == stream_seed(0, 2, 1)
-    (True, False)
-    """
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -217,7 +209,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 f"`new_client_fraction={self.new_client_fraction}` holds out all {self.num_clients}"
                 " clients: keep at least one client for training."
             )
-        rng = np.random.default_rng(stream_seed(self.seed, 7919))
+        rng = np.random.default_rng(stream_seed(self.seed, Stream.NEW_CLIENTS))
         new = set(rng.choice(self.num_clients, size=num_new, replace=False).tolist()) if num_new else set()
         self.new_clients = sorted(new)
         self.train_clients = [k for k in range(self.num_clients) if k not in new]
@@ -229,7 +221,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.fingerprint = digest.hexdigest()[:16]
 
     def _public_split(self, labels: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(stream_seed(self.seed, 104729))
+        rng = np.random.default_rng(stream_seed(self.seed, Stream.PUBLIC_POOL))
         public, keep = [], []
         for c in np.unique(labels[idx]):
             members = rng.permutation(idx[labels[idx] == c])
@@ -252,7 +244,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 f" val_fraction={self.val_fraction} and test_fraction={self.test_fraction}: use fewer"
                 " clients (`--data.num_clients`) or a partitioner with a larger `min_size`."
             )
-        perm = np.random.default_rng(stream_seed(self.seed, 31, k)).permutation(idx)
+        perm = np.random.default_rng(stream_seed(self.seed, Stream.CLIENT_SPLIT, k)).permutation(idx)
         parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
         splits = {}
         for name, part in parts.items():
