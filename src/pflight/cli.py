@@ -214,6 +214,7 @@ class PflightCLI(LightningCLI):
 
         On ``fit --ckpt_path``, W&B loggers continue the checkpoint's run (its id is in the checkpoint).
         """
+        quiet_run()  # again: parsing a W&B logger imported wandb, whose console is silenced before it is built
         config = self.config[self.subcommand] if self.subcommand else self.config
         configure_threads(config.get("threads", "auto"))
         self._check_strategy(config["trainer"].get("strategy"))

@@ -59,11 +59,11 @@ def quiet_run() -> None:
     if not sys.warnoptions:
         warnings.filterwarnings("ignore", message=LEAFSPEC_DEPRECATION, category=FutureWarning)
     os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        import wandb
-        from wandb import env as wandb_env
-    except ImportError:
+    if "wandb" not in sys.modules:  # no W&B logger parsed (yet): the CLI calls this again once parsed
         return
+    import wandb
+    from wandb import env as wandb_env
+
     if wandb_env.is_silent() and hasattr(wandb, "termsetup"):
         # W&B emits the anonymous warning while it reads `wandb.init`'s arguments, before it applies
         # WANDB_SILENT to its console; apply it now. (`wandb.setup()` would too, but it also starts
