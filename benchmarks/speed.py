@@ -3,6 +3,7 @@
     python benchmarks/speed.py                      # K = 10, 50, 500; every column
     python benchmarks/speed.py --quick              # smoke run: K = 10, 50, 2 timed rounds, no (d), no (e)
     python benchmarks/speed.py --clients 50 --rounds 8 --threads 1 2 --skip flower
+    python benchmarks/speed.py --clients 50 --rounds 4 --skip plain multiprocess flower meta  # + the eval table
 
 Workload: FedAvg, SGD lr 0.05, batch 16, 1 local epoch, every client every round, evaluation off; for
 K <= 100 digits with Dirichlet(0.5) label skew and ``MLP(input_shape=[1, 8, 8], hidden=[128, 128])``
@@ -23,7 +24,9 @@ Lightning epoch around it (a callback times ``on_train_epoch_start`` -> ``on_tra
 round is a warm-up and is dropped; the figure is the median of the others. The compute floor is the round's
 FLOPs (forward and backward of every sample's matmuls) over the matmul throughput measured on this machine
 right before, with the same thread count. Per-Fedavg HF and exact (second-order) MAML are timed in both
-executors on the digits workloads. Timings on a shared machine are noisy: the load average is printed.
+executors on the digits workloads, and so are rounds with evaluation (``eval_every 1``, the quickstart's
+FedAvgFT: every client's global model, then 5 fine-tuning steps, evaluated on its validation split).
+Timings on a shared machine are noisy: the load average is printed.
 
 Threads: (a), (b) and (c) are each timed with every ``--threads`` count (default 1 and all cores) and each
 column reports its fastest; the per-count table shows all. Plain PyTorch's small sequential steps run best on
@@ -52,7 +55,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from pflight import Federation
-from pflight.algorithms import FedAvg
+from pflight.algorithms import FedAvg, FedAvgFT
 from pflight.client import ClientModule
 from pflight.data import DirichletPartitioner, FederatedDataModule, Synthetic
 from pflight.models import MLP
@@ -390,7 +393,11 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of (a), (b), (c) (default 1)")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["plain", "multiprocess", "flower", "meta"], help="columns to skip"
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["plain", "multiprocess", "flower", "meta", "eval"],
+        help="columns to skip",
     )
     parser.add_argument("--flower-rounds", type=int, default=3, help="Flower rounds (the first a warm-up)")
     parser.add_argument(
@@ -564,9 +571,59 @@ def main() -> None:
         for name, ok, value in targets:
             print(f"  {'met ' if ok else 'MISS'} {name}: {value}")
 
+    if "eval" not in skip:
+        eval_table([k for k in args.clients if k <= 100], args.rounds, args.threads)
     if "meta" not in skip and args.meta_clients:
         meta_table(args.meta_clients, args.rounds, args.threads)
     print(f"\nload average at the end: {load_average()}")
+
+
+def eval_table(clients: list[int], rounds: int, thread_counts: list[int]) -> None:
+    """Rounds with evaluation (``eval_every 1``) in both executors: the quickstart's FedAvgFT on the digits MLP.
+
+    FedAvgFT (5 fine-tuning steps at lr 0.02, as ``configs/quickstart.yaml``) with every client evaluated after
+    every round: its global model, then fine-tuned on its train split, on its validation split.
+    """
+
+    def make(n: nn.Module) -> ClientModule:
+        return FedAvgFT(n, lr=LR, finetune_steps=5, finetune_lr=0.02)
+
+    print()
+    print(
+        f"{'K':>4} | {'seq train':>9} | {'vec train':>9} | {'seq +eval':>9} | {'vec +eval':>9} | {'train x':>7} |"
+        f" {'+eval x':>7} | {'eval seq':>8} | {'eval vec':>8} | {'eval x':>6} | executors"
+    )
+    print("-" * 114)
+    targets = []
+    for k in clients:
+        data = make_data(k)
+        best: dict[str, float] = {}
+        feds: dict[str, Federation] = {}
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for executor in ("sequential", "vectorized"):
+                for mode, extra in (("train", {}), ("eval", {"limit_val_batches": 1.0, "check_val_every_n_epoch": 1})):
+                    times, fed = pflight_run(data, rounds, executor, make, **extra)
+                    key = f"{executor[:3]} {mode}"
+                    best[key] = min(best.get(key, float("inf")), median_after_warmup(times))
+                    if mode == "eval":
+                        feds[executor] = fed
+        seq, vec = feds["sequential"], feds["vectorized"]
+        same = vec.last_evaluation == seq.last_evaluation
+        st, vt, se, ve = best["seq train"], best["vec train"], best["seq eval"], best["vec eval"]
+        print(
+            f"{k:>4} | {st:>9.4f} | {vt:>9.4f} | {se:>9.4f} | {ve:>9.4f} | {st / vt:>6.1f}x | {se / ve:>6.1f}x |"
+            f" {se - st:>8.4f} | {ve - vt:>8.4f} | {(se - st) / max(ve - vt, 1e-9):>5.1f}x |"
+            f" eval {vec.last_eval_executor}, per-client accuracies {'equal' if same else 'DIFFER'}"
+        )
+        if k == 50:
+            targets.append(("K=50: vectorized with evaluation >= 3x faster than sequential", se / ve >= 3, se / ve))
+    print(
+        "s/round (median, warm-up dropped, fastest thread count); +eval: eval_every 1, every client evaluated;\n"
+        "eval seq / eval vec: the evaluation's share (+eval minus train); x: sequential over vectorized"
+    )
+    for name, ok, value in targets:
+        print(f"  {'met ' if ok else 'MISS'} {name}: {value:.1f}x")
 
 
 def meta_table(clients: list[int], rounds: int, thread_counts: list[int]) -> None:

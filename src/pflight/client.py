@@ -91,6 +91,23 @@ class ClientContext:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class FineTune:
+    """A personalization that is plain SGD on cross-entropy over the train split (:meth:`ClientModule.fine_tune`).
+
+    Described as data, an executor can run it for many clients at once (the vectorized executor stacks them).
+
+    Attributes:
+        steps: SGD steps (batches); 0 with ``epochs`` 0 is no fine-tuning.
+        epochs: passes over the train split (used when ``steps`` is 0).
+        lr: the learning rate (None: the client's ``lr``).
+    """
+
+    steps: int = 0
+    epochs: int = 0
+    lr: float | None = None
+
+
 _REDUCTIONS = {"mean", "sum", "max", "min"}
 
 
@@ -298,8 +315,21 @@ class ClientModule(pl.LightningModule):
         return Message("weights", float_state(self.net), n_samples=self.context.data.num_samples("train"))
 
     # ------------------------------------------------------------------ evaluation
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
+        """Called by :meth:`personalize` for client ``ctx.client_id``: its personalization as data (None: none).
+
+        Override this rather than :meth:`personalize` when personalizing is plain SGD fine-tuning on
+        cross-entropy: ``executor='vectorized'`` then personalizes and evaluates many clients at once. A
+        client that overrides :meth:`personalize` is personalized one client at a time.
+        """
+        return None
+
     def personalize(self) -> None:
-        """Called at evaluation before :meth:`evaluate`: adapt on the train split only."""
+        """Called at evaluation before :meth:`evaluate`: adapt on the train split only (runs the plan by default)."""
+        assert self.context is not None
+        plan = self.personalization_plan(self.context)
+        if plan is not None:
+            self.fine_tune(plan.steps, plan.epochs, plan.lr)
 
     @override
     def forward(self, x: Tensor) -> Tensor:

@@ -159,6 +159,7 @@ class Federation(pl.LightningModule):
             server.update(uploads)
         validation_step(all client ids):                       # every `eval_every` rounds
             per client: personalize on its train split, evaluate on val (test for `pflight test`)
+                                                               # vectorized: a chunk of clients at once
 
     The Trainer contributes devices and precision (autocast around the steps, loss scaling in
     ``manual_backward``), callbacks, loggers, checkpointing and the CLI.
@@ -238,6 +239,8 @@ class Federation(pl.LightningModule):
         self.straggler_rate = straggler_rate
         self.straggler_work = straggler_work
         self._fallback_reason: str | None = None
+        self._eval_fallback_reason: str | None = None
+        self.last_eval_executor: str | None = None  # which executor ran the last evaluation
         self._plain_backward: bool | None = None
         self.history: list[dict[str, Any]] = []
         self.rounds_completed = 0
@@ -688,6 +691,40 @@ class Federation(pl.LightningModule):
             client.personalize()
         return ctx
 
+    def _evaluate(
+        self, client_ids: list[int], round_idx: int, stage: str
+    ) -> tuple[dict[int, tuple[int, int, float]], dict[int, tuple[int, int, float]]]:
+        """``(personalized, global)`` counts ``(correct, total, summed CE)`` per client, by the run's executor.
+
+        The vectorized executor personalizes and evaluates the clients at once where their personalization is
+        data (:meth:`~pflight.client.ClientModule.personalization_plan`); otherwise the reason is logged once
+        and they run one by one. :attr:`last_eval_executor` says which ran.
+        """
+        if self.executor == "vectorized" and client_ids:
+            from pflight import vectorized
+
+            reason = vectorized.eval_unsupported_reason(self)
+            if reason is None:
+                self.last_eval_executor = "vectorized"
+                return vectorized.evaluate_clients(self, client_ids, round_idx, stage)
+            if reason != self._eval_fallback_reason:
+                rank_zero_warn(f"`executor='vectorized'` evaluates client by client: {reason}")
+                self._eval_fallback_reason = reason
+        self.last_eval_executor = "sequential"
+        client = self.client
+        personal: dict[int, tuple[int, int, float]] = {}
+        global_counts: dict[int, tuple[int, int, float]] = {}
+        for k in client_ids:
+            ctx = self.context(k, round_idx, stage, Stream.EVAL)
+            client.context = ctx
+            global_message = self.server.global_message()
+            if global_message is not None and not ctx.new_client:
+                client.receive(global_message)
+                global_counts[k] = client.evaluate(stage)
+            self.personalize_client(k, round_idx, stage)
+            personal[k] = client.evaluate(stage)
+        return personal, global_counts
+
     def evaluate_clients(self, client_ids: list[int], stage: str) -> dict[str, float]:
         """Personalize and evaluate ``client_ids`` on split ``stage``; log and return the summary."""
         eval_start = time.perf_counter()
@@ -699,20 +736,17 @@ class Federation(pl.LightningModule):
         loss_sum, loss_n = 0.0, 0
         client = self.client
         client.logs = client_logs = ClientLogs()
-        for k in self.shard(client_ids):
-            ctx = self.context(k, round_idx, stage, Stream.EVAL)
-            client.context = ctx
-            global_message = self.server.global_message()
-            if global_message is not None and not ctx.new_client:
-                client.receive(global_message)
-                c, t, _ = client.evaluate(stage)
-                glob.update(k, c, t)
-            self.personalize_client(k, round_idx, stage)
-            c, t, loss = client.evaluate(stage)
-            (new if ctx.new_client else seen).update(k, c, t)
-            if not ctx.new_client:
+        try:
+            personal, global_counts = self._evaluate(self.shard(client_ids), round_idx, stage)
+        finally:
+            client.logs = None
+        for k, (c, t, _) in global_counts.items():
+            glob.update(k, c, t)
+        new_clients = set(dm.new_clients)
+        for k, (c, t, loss) in personal.items():  # in the clients' order: the same loss sum as before
+            (new if k in new_clients else seen).update(k, c, t)
+            if k not in new_clients:
                 loss_sum, loss_n = loss_sum + loss, loss_n + t
-        client.logs = None
         for metric in (seen, new, glob):
             metric.to(self.device)
             if self.trainer.world_size > 1:

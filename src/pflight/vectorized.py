@@ -29,6 +29,13 @@ base client), FedProx, Per-FedAvg (maml, fo, hf), MAML / FOMAML, Reptile and FED
 network with BatchNorm or Dropout, a local optimizer other than one plain SGD, or a precision other than
 ``32-true``, falls back to the sequential executor with the reason :func:`unsupported_reason` gives.
 Batches are gathered from one copy of every client's train split, built once per data module.
+
+Evaluation (:func:`evaluate_clients`) runs through the same machinery: the global model on every seen client's
+split in one forward per chunk; then per client the sequential prologue (message, persistent state), its
+fine-tuning plan (:class:`~pflight.client.FineTune`, batches from the ``Stream.EVAL`` generator) stepped for a
+chunk at once, and one padded forward per chunk. It serves a registered client class whose personalization is
+data (``personalization_plan``, as FedAvgFT's and LocalOnly's fine-tuning is); a class with its own
+``personalize``, ``evaluate`` or ``forward`` is evaluated client by client (:func:`eval_unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -150,19 +157,20 @@ class _Pool:
     pad: int
 
 
-_POOLS: WeakKeyDictionary[FederatedDataModule, _Pool] = WeakKeyDictionary()
+_POOLS: WeakKeyDictionary[FederatedDataModule, dict[str, _Pool]] = WeakKeyDictionary()
 
 
-def _pool(dm: FederatedDataModule) -> _Pool:
-    pool = _POOLS.get(dm)
+def _pool(dm: FederatedDataModule, split: str = "train") -> _Pool:
+    pools = _POOLS.setdefault(dm, {})
+    pool = pools.get(split)
     if pool is None or len(pool.offsets) != len(dm.clients):
-        xs = [c.train[0] for c in dm.clients]
-        ys = [c.train[1] for c in dm.clients]
+        xs = [c.split(split)[0] for c in dm.clients]
+        ys = [c.split(split)[1] for c in dm.clients]
         offsets = _cumulative([len(y) for y in ys])
-        x = torch.cat([*xs, torch.zeros_like(xs[0][:1])])
-        y = torch.cat([*ys, torch.zeros_like(ys[0][:1])])
+        x = torch.cat([*xs, xs[0].new_zeros(1, *xs[0].shape[1:])])
+        y = torch.cat([*ys, ys[0].new_zeros(1, *ys[0].shape[1:])])
         pool = _Pool(x, y, offsets, pad=len(y) - 1)
-        _POOLS[dm] = pool
+        pools[split] = pool
     return pool
 
 
@@ -990,12 +998,192 @@ def _run_chunk(
     return run
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+def eval_unsupported_reason(federation: Federation) -> str | None:
+    """Why the vectorized executor cannot personalize and evaluate this federation's clients (None: it can).
+
+    It can when it trains the client class (:func:`unsupported_reason`, less the optimizer) and the class's
+    personalization is data: ``personalize`` is the base class's, which runs ``personalization_plan``, or a
+    built-in fine-tuning; ``evaluate`` and ``forward`` are the base class's.
+    """
+    client = federation.client
+    cls = type(client)
+    if cls not in _builtin():
+        served = ", ".join(sorted({c.__name__ for c in _builtin()}))
+        return f"`{cls.__name__}` has no vectorized implementation (served: {served})"
+    if cls.personalize is not ClientModule.personalize:
+        return (
+            f"`{cls.__name__}.personalize` is its own code, run client by client: describe a plain SGD fine-tuning"
+            " as data with `personalization_plan` instead to personalize the clients at once"
+        )
+    for hook in ("evaluate", "forward"):
+        if getattr(cls, hook) is not getattr(ClientModule, hook):
+            return f"`{cls.__name__}.{hook}` is its own code, run client by client"
+    precision = str(getattr(federation.trainer, "precision", "32-true"))
+    if precision not in ("32-true", "32"):
+        return f"the Trainer's precision is {precision!r}; the vectorized executor runs '32-true' only"
+    return _network_reason(client.net)
+
+
+Counts = tuple[int, int, float]  # correct predictions, samples, summed cross-entropy
+
+
+def evaluate_clients(
+    federation: Federation, client_ids: list[int], round_idx: int, stage: str
+) -> tuple[dict[int, Counts], dict[int, Counts]]:
+    """Personalize and evaluate ``client_ids`` on split ``stage`` at once: ``(personalized, global)`` counts.
+
+    Gives what ``Federation`` gives client by client (up to float summation order): the global model's counts
+    for every seen client when the server has one; then each client receives its message, loads its state,
+    fine-tunes as its :class:`~pflight.client.FineTune` plan says (the same batches, from the generator of
+    (seed, round, client, ``Stream.EVAL``), the same SGD in float32) and is evaluated. Clients are sorted by
+    their number of fine-tuning steps and run in chunks of :func:`chunk_size`; the client module is left as
+    the last client leaves it.
+    """
+    if not client_ids:
+        return {}, {}
+    client, device = federation.client, federation.device
+    plan_of = type(client).personalization_plan
+    contexts = [federation.context(k, round_idx, stage, Stream.EVAL) for k in client_ids]
+    names = [n for n, v in client.net.state_dict().items() if v.is_floating_point()]
+    global_counts: dict[int, Counts] = {}
+    message = federation.server.global_message()
+    seen = [i for i, ctx in enumerate(contexts) if not ctx.new_client]
+    if message is not None and seen:
+        client.context = contexts[seen[0]]
+        client.receive(message)
+        state = {n: t.to(device) for n, t in float_state(client.net).items()}
+        chunk = chunk_size(federation, len(seen))
+        for lo in range(0, len(seen), chunk):
+            members = [client_ids[i] for i in seen[lo : lo + chunk]]
+            counts = _count(federation, members, stage, lambda x: _shared_forward(client.net, state, x))
+            global_counts.update(zip(members, counts, strict=True))
+    starts, plans, lrs = [], [], []
+    for k, ctx in zip(client_ids, contexts, strict=True):  # exactly the sequential prologue
+        client.context = ctx
+        client.receive(federation.server.message_for(k))
+        client.load_client_state(None if ctx.new_client else federation.store.get(k, device))
+        starts.append(float_state(client.net))
+        ft = plan_of(client, ctx)
+        lrs.append(float(ft.lr if ft is not None and ft.lr is not None else client.lr))
+        if ft is None or (ft.steps <= 0 and ft.epochs <= 0):
+            plans.append([])
+        else:
+            n = ctx.data.num_samples("train")
+            plans.append(plan_batches(n, ctx.batch_size, ctx.generator, max(ft.epochs, 1), ft.steps or None))
+    chunk = chunk_size(federation, len(client_ids))
+    groups: list[list[int]] = []  # chunks of one learning rate, most fine-tuning steps first
+    for i in sorted(range(len(client_ids)), key=lambda i: (lrs[i], -len(plans[i]))):
+        if groups and lrs[groups[-1][0]] == lrs[i] and len(groups[-1]) < chunk:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    step = VectorizedAlgorithm(fused=_builtin()[type(client)].fused)
+    personal: dict[int, Counts] = {}
+    last = len(client_ids) - 1
+    for group in groups:
+        run = _fine_tune_chunk(federation, step, round_idx, group, client_ids, contexts, starts, plans, lrs, names)
+        forward = run.extra.get("forward") or batched_forward(client.net)
+        ids = [client_ids[i] for i in group]
+        personal.update(zip(ids, _count(federation, ids, stage, lambda x: forward(run.state, x)), strict=True))  # noqa: B023
+        if last in group:
+            c = group.index(last)
+            load_float_state(client.net, {n: run.state[n][c] for n in names})
+    client.context = contexts[last]
+    return {k: personal[k] for k in client_ids}, global_counts
+
+
+def _fine_tune_chunk(
+    federation: Federation,
+    step: VectorizedAlgorithm,
+    round_idx: int,
+    group: list[int],
+    client_ids: list[int],
+    contexts: list[ClientContext],
+    starts: list[dict[str, Tensor]],
+    plans: list[list[Tensor]],
+    lrs: list[float],
+    names: list[str],
+) -> Round:
+    """Stack the start weights of ``group`` (indices, most fine-tuning steps first) and fine-tune them at once."""
+    client = federation.client
+    run = Round(
+        federation=federation,
+        round_idx=round_idx,
+        client_ids=[client_ids[i] for i in group],
+        contexts=[contexts[i] for i in group],
+        messages=[None] * len(group),
+        steps=[len(plans[i]) for i in group],
+        names=names,
+        trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
+    )
+    run.state = _stack_like([starts[i] for i in group], run)
+    if run.steps[0] == 0:
+        return run
+    pool = _pool(federation.data)
+    dtype = next(iter(client.net.parameters())).dtype
+    batch_plans = [[(b,) for b in plans[i]] for i in group]
+    run.batches = _stack_plans(batch_plans, [pool.offsets[k] for k in run.client_ids], pool.pad, dtype)
+    run.extra["sgd"] = {  # `fine_tune`'s optimizer: a fresh torch.optim.SGD with only a learning rate
+        "lr": lrs[group[0]],
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        "maximize": False,
+    }
+    run.extra["forward"] = batched_forward(client.net)
+    run.extra["fused"] = step._fused_layers(run)
+    was_training = client.net.training
+    client.net.train()
+    for t in range(run.steps[0]):
+        step.train_step(run, t, run.active(t))
+    client.net.train(was_training)
+    return run
+
+
+def _shared_forward(net: nn.Module, state: dict[str, Tensor], x: Tensor) -> Tensor:
+    """One set of weights on every client's samples: ``(C, B, ...) -> (C, B, classes)``."""
+    return functional_call(net, state, (x.flatten(0, 1),)).view(*x.shape[:2], -1)
+
+
+@torch.no_grad()
+def _count(
+    federation: Federation, client_ids: list[int], split: str, forward: Callable[[Tensor], Tensor]
+) -> list[Counts]:
+    """Each client's counts on its ``split`` (as ``ClientModule.evaluate``), ``forward`` on ``(C, B, ...)`` blocks."""
+    pool = _pool(federation.data, split)
+    device = federation.device
+    sizes = torch.tensor([federation.data.client_data(k).num_samples(split) for k in client_ids])
+    offsets = torch.tensor([pool.offsets[k] for k in client_ids])
+    correct = torch.zeros(len(client_ids), dtype=torch.long)
+    loss = torch.zeros(len(client_ids), dtype=torch.float64)
+    net = federation.client.net
+    was_training = net.training
+    net.eval()
+    for start in range(0, int(sizes.max()), 1024):  # evaluate's blocks of 1024 samples
+        pos = torch.arange(start, min(start + 1024, int(sizes.max())))
+        real = pos[None, :] < sizes[:, None]  # (C, B)
+        idx = torch.where(real, offsets[:, None] + pos[None, :], pool.pad)
+        x = pool.x.index_select(0, idx.reshape(-1)).view(*idx.shape, *pool.x.shape[1:]).to(device)
+        y = pool.y.index_select(0, idx.reshape(-1)).view(idx.shape).to(device)
+        logits = forward(x).float()  # (C, B, classes)
+        mask = real.to(device)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view(idx.shape)
+        correct += ((logits.argmax(-1) == y) & mask).sum(1).cpu()
+        loss += (ce * mask).sum(1).double().cpu()
+    net.train(was_training)
+    return [(int(c), int(n), float(v)) for c, n, v in zip(correct, sizes, loss, strict=True)]
+
+
 __all__ = [
     "Round",
     "VectorizedAlgorithm",
     "batched_forward",
     "chunk_size",
     "cpu_chunk",
+    "eval_unsupported_reason",
+    "evaluate_clients",
     "masked_cross_entropy",
     "plan_batches",
     "register",

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
-from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.client import ClientContext, ClientModule, FineTune, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
 from pflight.server import FedAvgServer, NoServer, Server
 
@@ -52,11 +52,9 @@ class LocalOnly(ClientModule):
         self.new_client_epochs = new_client_epochs
 
     @override
-    def personalize(self) -> None:
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
         """A new client trains its own model; a seen client is evaluated as it is."""
-        assert self.context is not None
-        if self.context.new_client:
-            self.fine_tune(epochs=self.new_client_epochs)
+        return FineTune(epochs=self.new_client_epochs) if ctx.new_client else None
 
     @override
     def configure_server(self) -> Server:
@@ -145,9 +143,9 @@ class FedAvgFT(FedAvg):
         self.finetune_lr = finetune_lr
 
     @override
-    def personalize(self) -> None:
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
         """Fine-tune the received global model on the train split."""
-        self.fine_tune(steps=self.finetune_steps, epochs=self.finetune_epochs, lr=self.finetune_lr)
+        return FineTune(self.finetune_steps, self.finetune_epochs, self.finetune_lr)
 
 
 class FedProx(FedAvg):

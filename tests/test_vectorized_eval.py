@@ -1,0 +1,209 @@
+"""Vectorized personalization and evaluation against the sequential executor (the oracle).
+
+Correct counts (and so every accuracy) must be equal; losses agree to ``rel=1e-5`` (float summation order:
+the vectorized executor sums a client's cross-entropy over a padded block, the sequential one per batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from typing_extensions import override
+
+from pflight import Federation
+from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
+from pflight.algorithms.meta import MAML
+from pflight.client import ClientContext, ClientModule, FineTune
+from pflight.data import DirichletPartitioner, FederatedDataModule
+from pflight.models import MLP
+from pflight.vectorized import VectorizedAlgorithm, register
+from tests.conftest import run_federation
+
+BATCH = 32
+LOSS_TOL = {"rel": 1e-5, "abs": 1e-6}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """The machine is shared: one intra-op thread (conftest restores the count)."""
+    torch.set_num_threads(1)
+
+
+def eval_data() -> FederatedDataModule:
+    """8 digits clients, 2 of them new; train splits end on ragged batches of 32."""
+    data = FederatedDataModule(
+        "digits",
+        num_clients=8,
+        batch_size=BATCH,
+        partitioner=DirichletPartitioner(0.5, min_size=10),
+        new_client_fraction=0.25,
+        seed=0,
+    )
+    data.setup()
+    assert data.new_clients, "the premise: some clients are new"
+    return data
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP(hidden=[16])
+
+
+ALGORITHMS: dict[str, Callable[[nn.Module], ClientModule]] = {
+    "fedavg": lambda n: FedAvg(n, lr=0.1),
+    "fedprox": lambda n: FedProx(n, lr=0.1, mu=0.5),
+    "fedavgft-steps": lambda n: FedAvgFT(n, lr=0.1, finetune_steps=7, finetune_lr=0.03),
+    "fedavgft-epochs": lambda n: FedAvgFT(n, lr=0.1, finetune_steps=0, finetune_epochs=2),
+    "local-only": lambda n: LocalOnly(n, lr=0.1, new_client_epochs=3),
+}
+
+
+def run(make: Callable[[nn.Module], ClientModule], executor: str, rounds: int = 2, **kwargs: Any) -> Federation:
+    """Fit ``rounds`` rounds with evaluation after each."""
+    return run_federation(make(small_net()), eval_data(), rounds, federation_kwargs={"executor": executor, **kwargs})
+
+
+def assert_same_evaluation(seq: Federation, vec: Federation) -> None:
+    """Per-client accuracies and every evaluation's accuracies equal; losses within ``LOSS_TOL``."""
+    assert vec.last_evaluation == seq.last_evaluation
+    seq_evals, vec_evals = ([h for h in f.history if h["stage"] == "val"] for f in (seq, vec))
+    assert len(seq_evals) == len(vec_evals) > 0
+    for a, b in zip(seq_evals, vec_evals, strict=True):
+        assert a.keys() == b.keys()
+        for name, value in a.items():
+            if name.endswith("_s"):  # timings
+                continue
+            if "loss" in name:
+                assert b[name] == pytest.approx(value, **LOSS_TOL), name
+            else:
+                assert b[name] == value, name
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_vectorized_evaluation_equals_sequential(name: str) -> None:
+    """Personalization and evaluation run vectorized and report the sequential executor's per-client accuracies,
+    summaries and loss, for seen and new clients, global model included."""
+    seq = run(ALGORITHMS[name], "sequential")
+    vec = run(ALGORITHMS[name], "vectorized")
+    assert seq.last_eval_executor == "sequential"
+    assert vec.last_eval_executor == "vectorized"
+    assert vec.last_evaluation["new"], "new clients are evaluated"
+    if name != "local-only":
+        assert vec.last_evaluation["global"], "the global model is evaluated"
+    assert_same_evaluation(seq, vec)
+
+
+@pytest.mark.parametrize("name", ["fedavgft-steps", "local-only"])
+def test_vectorized_evaluation_in_chunks(name: str) -> None:
+    """Chunks of 3 clients (with different fine-tuning step counts) give the sequential result."""
+    seq = run(ALGORITHMS[name], "sequential", rounds=1)
+    vec = run(ALGORITHMS[name], "vectorized", rounds=1, vectorized_chunk=3)
+    assert vec.last_eval_executor == "vectorized"
+    assert_same_evaluation(seq, vec)
+
+
+def test_stragglers_do_not_change_vectorized_evaluation() -> None:
+    """Stragglers shorten training only: evaluation still equals the sequential executor's."""
+    make = ALGORITHMS["fedavgft-steps"]
+    seq = run(make, "sequential", straggler_rate=0.5, straggler_work=0.5)
+    vec = run(make, "vectorized", straggler_rate=0.5, straggler_work=0.5)
+    assert vec.last_eval_executor == "vectorized"
+    assert_same_evaluation(seq, vec)
+
+
+def test_fused_and_generic_fine_tuning_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fine-tuning by the fused MLP step and by vmap + autograd (``fused=False``) both equal sequential."""
+    from pflight import vectorized
+
+    vectorized._builtin()
+    monkeypatch.setitem(vectorized._REGISTRY, FedAvgFT, VectorizedAlgorithm(fused=False))
+    calls: list[int] = []
+    real = vectorized.fused_sgd_step_
+    monkeypatch.setattr(vectorized, "fused_sgd_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    make = ALGORITHMS["fedavgft-steps"]
+    seq = run(make, "sequential", rounds=1)
+    vec = run(make, "vectorized", rounds=1)
+    assert not calls
+    assert_same_evaluation(seq, vec)
+
+
+def test_fused_step_fine_tunes_an_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused MLP step runs in the fine-tuning too: more fused steps with evaluation than without."""
+    from pflight import vectorized
+
+    calls: list[int] = []
+    real = vectorized.fused_sgd_step_
+    monkeypatch.setattr(vectorized, "fused_sgd_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run(ALGORITHMS["fedavgft-steps"], "vectorized", rounds=1, eval_every=1)
+    with_eval = len(calls)
+    calls.clear()
+    run_federation(
+        ALGORITHMS["fedavgft-steps"](small_net()),
+        eval_data(),
+        1,
+        federation_kwargs={"executor": "vectorized"},
+        limit_val_batches=0,
+    )
+    assert with_eval == len(calls) + 7  # finetune_steps
+
+
+def test_maml_falls_back_to_sequential_evaluation() -> None:
+    """MAML's own ``personalize`` runs client by client, with the reason warned once, as before."""
+    make = lambda n: MAML(n, inner_steps=1, local_steps=2)  # noqa: E731
+    seq = run(make, "sequential")
+    with pytest.warns(UserWarning, match="evaluates client by client: `MAML.personalize` is its own code"):
+        vec = run(make, "vectorized")
+    assert vec.last_eval_executor == "sequential"
+    assert vec._eval_fallback_reason is not None
+    assert_same_evaluation(seq, vec)
+
+
+class LoggingFedAvgFT(FedAvgFT):
+    """FedAvgFT whose ``personalize`` logs: its own code, so evaluated client by client."""
+
+    @override
+    def personalize(self) -> None:
+        super().personalize()
+        self.log("personalized", 1.0)
+
+
+class PlannedFedAvg(FedAvg):
+    """Fine-tuning described as data: 3 steps at lr 0.02 for seen clients, 2 epochs for new ones."""
+
+    @override
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
+        return FineTune(epochs=2) if ctx.new_client else FineTune(steps=3, lr=0.02)
+
+
+def test_overridden_personalize_stays_sequential_and_logs() -> None:
+    """A client class that overrides ``personalize`` (here to log) is evaluated client by client; its log works."""
+    register(LoggingFedAvgFT, VectorizedAlgorithm())
+    try:
+        vec = run(lambda n: LoggingFedAvgFT(n, lr=0.1, finetune_steps=3), "vectorized", rounds=1)
+    finally:
+        from pflight import vectorized
+
+        vectorized._REGISTRY.pop(LoggingFedAvgFT)
+    assert vec.last_eval_executor == "sequential"
+    assert vec.history[-1]["val/personalized"] == 1.0
+
+
+def test_personalization_plan_is_vectorized() -> None:
+    """A registered client class that states its fine-tuning with ``personalization_plan`` is personalized
+    vectorized, equal to its sequential run (which runs the plan through ``fine_tune``)."""
+    register(PlannedFedAvg, VectorizedAlgorithm())
+    try:
+        seq = run(lambda n: PlannedFedAvg(n, lr=0.1), "sequential")
+        vec = run(lambda n: PlannedFedAvg(n, lr=0.1), "vectorized", vectorized_chunk=5)
+    finally:
+        from pflight import vectorized
+
+        vectorized._REGISTRY.pop(PlannedFedAvg)
+    assert vec.last_eval_executor == "vectorized"
+    assert_same_evaluation(seq, vec)
+    plain = run(lambda n: FedAvg(n, lr=0.1), "sequential")
+    assert plain.last_evaluation["personalized"] != seq.last_evaluation["personalized"], "the plan fine-tunes"
