@@ -6,7 +6,6 @@ killed with SIGKILL in round 5 (the checkpoint after round 4, nothing of this pr
 again to round 6; and one uninterrupted run. Their offline `.wandb` files are read back from disk.
 """
 
-import importlib
 import json
 import os
 import re
@@ -22,7 +21,6 @@ import pytest
 import torch
 import wandb
 
-from pflight.cli import PflightCLI
 from pflight.wandb_io import read_new_records, read_run
 from pflight.wandb_resume import AXIS, WANDB_KEY, RoundWandbLogger, decode_value, encode_value, resume_wandb_args
 
@@ -69,33 +67,6 @@ class CrashAfter(pl.Callback):
             raise RuntimeError("simulated crash")
 
 
-def wire_wandb_resume(cli: PflightCLI) -> None:
-    """The cli.py wiring: on `fit --ckpt_path`, W&B loggers resume the checkpoint's run (before they start)."""
-    from jsonargparse import Namespace
-    from lightning.pytorch.loggers import WandbLogger
-
-    cfg = cli.config[cli.subcommand]
-    if cli.subcommand != "fit" or cfg.get("ckpt_path") in (None, "hpc"):
-        return
-    checkpoint = torch.load(cfg["ckpt_path"], map_location="cpu", weights_only=False, mmap=True)
-    loggers = cfg["trainer"].get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if not isinstance(logger, Namespace) or "class_path" not in logger:
-            continue
-        module, _, name = logger.class_path.rpartition(".")
-        if issubclass(getattr(importlib.import_module(module), name), WandbLogger):
-            args = resume_wandb_args(checkpoint, logger.get("init_args", Namespace()).as_dict())
-            logger.init_args = Namespace(**args)
-
-
-class ResumingCLI(PflightCLI):
-    """`PflightCLI` with the W&B resume wiring (idempotent, so harmless once cli.py has it)."""
-
-    def before_instantiate_classes(self):
-        super().before_instantiate_classes()
-        wire_wandb_resume(self)
-
-
 def start_fit(cwd: Path, *args: str, crash: str | None = None) -> subprocess.Popen:
     """`pflight fit` (with the resume wiring) in `cwd`, offline; `crash` as in :class:`CrashAfter`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -103,7 +74,7 @@ def start_fit(cwd: Path, *args: str, crash: str | None = None) -> subprocess.Pop
     if crash:
         env["PFLIGHT_TEST_CRASH"] = crash
         args = (*args, "--trainer.callbacks+=tests.test_wandb_resume.CrashAfter")
-    code = "from tests.test_wandb_resume import ResumingCLI; ResumingCLI()"
+    code = "from pflight.cli import main; main()"
     return subprocess.Popen(
         [sys.executable, "-c", code, "fit", *ARGS, *args],
         cwd=cwd,
