@@ -112,7 +112,7 @@ def round_times(make: Callable[[nn.Module], ClientModule], args: argparse.Namesp
         callbacks=[timer],
     )
     pl.seed_everything(0, verbose=False)
-    trainer.fit(Federation(make(make_net(args.hidden)), eval_every=10_000), datamodule=data)
+    trainer.fit(Federation(make(make_net(args.hidden)), eval_every=10_000, executor="sequential"), datamodule=data)
     return timer.times[1:]
 
 

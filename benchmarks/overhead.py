@@ -80,7 +80,7 @@ def plain_loop(data: FederatedDataModule, rounds: int, lr: float) -> float:
 
 def pflight_run(data: FederatedDataModule, rounds: int, lr: float) -> tuple[float, float]:
     pl.seed_everything(0, verbose=False)
-    fed = Federation(FedAvg(make_net(), lr=lr))
+    fed = Federation(FedAvg(make_net(), lr=lr), executor="sequential")
     trainer = pl.Trainer(
         max_epochs=rounds,
         accelerator="cpu",

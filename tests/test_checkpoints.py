@@ -133,7 +133,7 @@ def test_changed_learning_rate_applies_on_resume(tmp_path):
     _fit(tmp_path / "a", 2, lr=0.1)
     resumed, *_ = _fit(tmp_path / "b", 3, ckpt_path=str(tmp_path / "a" / "last.ckpt"), lr=0.5)
     pl.seed_everything(0, verbose=False)
-    oracle = Federation(FedAvg(MLP(hidden=[16]), lr=0.1), clients_per_round=3)
+    oracle = Federation(FedAvg(MLP(hidden=[16]), lr=0.1), clients_per_round=3, executor="sequential")
     make_trainer(3, callbacks=[_LrFrom(3, 0.5)]).fit(oracle, datamodule=FederatedDataModule("digits", num_clients=6))
     unchanged, *_ = _fit(tmp_path / "c", 3, ckpt_path=str(tmp_path / "a" / "last.ckpt"), lr=0.1)
     a, b = resumed.server.global_message().tensors, oracle.server.global_message().tensors

@@ -158,11 +158,14 @@ def test_backward_hooks_fire_when_a_callback_listens():
     it once per local step (Lightning's manual_backward), and both give the same model."""
     data = FederatedDataModule("digits", num_clients=4, seed=0)
     torch.manual_seed(0)
-    plain = run_federation(FedAvg(MLP(hidden=[8]), lr=0.1), data, rounds=1, limit_val_batches=0)
+    seq = {"executor": "sequential"}  # the sequential executor's local steps (the vectorized one has no backward)
+    plain = run_federation(FedAvg(MLP(hidden=[8]), lr=0.1), data, rounds=1, limit_val_batches=0, federation_kwargs=seq)
     assert plain._plain_backward is True
     counter = _BackwardCounter()
     torch.manual_seed(0)
-    hooked = run_federation(FedAvg(MLP(hidden=[8]), lr=0.1), data, rounds=1, limit_val_batches=0, callbacks=[counter])
+    hooked = run_federation(
+        FedAvg(MLP(hidden=[8]), lr=0.1), data, rounds=1, limit_val_batches=0, callbacks=[counter], federation_kwargs=seq
+    )
     assert hooked._plain_backward is False
     steps = sum(-(-data.client_data(k).num_samples("train") // data.batch_size) for k in data.train_clients)
     assert counter.calls == steps

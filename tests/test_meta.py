@@ -363,7 +363,7 @@ def test_bf16_mixed_runs_stay_finite_and_close_to_float32(make):
             pathological_digits(),
             rounds=3,
             precision=precision,
-            federation_kwargs={"eval_every": 3},
+            federation_kwargs={"eval_every": 3, "executor": "sequential"},  # one code path, two precisions
         )
     ref, low = feds["32-true"].server.global_state, feds["bf16-mixed"].server.global_state
     assert all(bool(torch.isfinite(v).all()) for v in low.values())
