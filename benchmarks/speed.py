@@ -53,12 +53,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+from typing_extensions import override
 
 from pflight import Federation
 from pflight.algorithms import FedAvg, FedAvgFT
 from pflight.client import ClientModule
-from pflight.data import DirichletPartitioner, FederatedDataModule, Synthetic
-from pflight.models import MLP
+from pflight.data import DataSource, DirichletPartitioner, FederatedDataModule, IIDPartitioner, Synthetic
+from pflight.models import CNN, MLP
 from pflight.vectorized import cpu_chunk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +70,9 @@ BATCH = 16
 HIDDEN = [128, 128]
 FLOWER_SPEC = "flwr[simulation]>=1.20,<1.42"  # 1.42 needs a certifi newer than the package index here serves
 RESULT = "SPEED_RESULT "  # prefix of the JSON line a worker subprocess prints
+CNN_BATCH = 32
+CNN_SHAPES = {"1x28x28": (1, 28, 28), "3x32x32": (3, 32, 32)}  # MNIST's and CIFAR-10's image shapes
+AUTO_SLACK = 1.05  # "auto is never slower than sequential" allows this much timing noise
 STAMP = "SPEED_STAMP "  # prefix of the Flower worker's per-round lines (start-up, then each round's seconds)
 
 
@@ -89,6 +93,48 @@ def make_net(data: FederatedDataModule) -> nn.Module:
     """The MLP of the workload, seeded: 64-128-128-10 on digits, 60-128-128-10 on synthetic data."""
     torch.manual_seed(0)
     return MLP(input_shape=list(data.input_shape), hidden=HIDDEN, num_classes=data.num_classes)
+
+
+class RandomImages(DataSource):
+    """Seeded uniform-random images of a real data set's shape, random labels: a speed workload only.
+
+    A round's cost depends on the image shape and the sample count, not on the pixels, so the CNN workload
+    needs no MNIST or CIFAR files (none are on this machine).
+
+    >>> x, y = RandomImages((1, 28, 28), samples=4).load()
+    >>> tuple(x.shape), y.dtype
+    ((4, 1, 28, 28), torch.int64)
+    """
+
+    num_classes = 10
+
+    def __init__(self, shape: tuple[int, int, int], samples: int, seed: int = 0) -> None:
+        self.shape = tuple(shape)
+        self.samples = samples
+        self.seed = seed
+        self.name = "random-" + "x".join(map(str, self.shape))
+
+    @override
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called once: ``samples`` images in [0, 1) and labels in [0, 10), from a generator of their own."""
+        gen = torch.Generator().manual_seed(self.seed)
+        x = torch.rand(self.samples, *self.shape, generator=gen)  # (samples, C, H, W)
+        y = torch.randint(0, self.num_classes, (self.samples,), generator=gen)
+        return x, y
+
+
+def make_cnn_data(clients: int, shape: tuple[int, int, int], per_client: int) -> FederatedDataModule:
+    """The CNN workload's data: ``per_client`` random images of ``shape`` per client (IID), batch 32."""
+    source = RandomImages(shape, samples=clients * per_client)
+    data = FederatedDataModule(source, num_clients=clients, partitioner=IIDPartitioner(), batch_size=CNN_BATCH)
+    data.setup()
+    return data
+
+
+def make_cnn(data: FederatedDataModule) -> nn.Module:
+    """``pflight.models.CNN`` with its defaults (conv 16, 32; fc 120, 84), seeded, for the data's shape."""
+    torch.manual_seed(0)
+    return CNN(input_shape=list(data.input_shape), num_classes=data.num_classes)
 
 
 def workload_name(data: FederatedDataModule) -> str:
@@ -133,15 +179,23 @@ def batched_matmul_throughput(clients: int, rows: int = BATCH, width: int = HIDD
 
 
 # ---------------------------------------------------------------------------------------------- (a) plain PyTorch
-def plain_loop(data: FederatedDataModule, rounds: int, cpu: list[float] | None = None) -> list[float]:
-    """FedAvg written directly in PyTorch: wall seconds of each round (CPU seconds appended to ``cpu``)."""
-    global_net = make_net(data)
+def plain_loop(
+    data: FederatedDataModule,
+    rounds: int,
+    cpu: list[float] | None = None,
+    net_fn: Callable[[FederatedDataModule], nn.Module] = make_net,
+) -> list[float]:
+    """FedAvg written directly in PyTorch: wall seconds of each round (CPU seconds appended to ``cpu``).
+
+    ``net_fn`` builds the seeded network (the MLP by default); batches are of ``data.batch_size``.
+    """
+    global_net = net_fn(data)
     worker = copy.deepcopy(global_net)
     opt = torch.optim.SGD(worker.parameters(), lr=LR)
     times = []
     for r in range(rounds):
         start, start_cpu = time.perf_counter(), time.process_time()
-        plain_round(data, r, global_net, worker, opt, BATCH)
+        plain_round(data, r, global_net, worker, opt, data.batch_size)
         times.append(time.perf_counter() - start)
         if cpu is not None:
             cpu.append(time.process_time() - start_cpu)
@@ -170,6 +224,7 @@ def pflight_run(
     rounds: int,
     executor: str,
     client: Callable[[nn.Module], ClientModule] | None = None,
+    net_fn: Callable[[FederatedDataModule], nn.Module] = make_net,
     **trainer_kwargs: object,
 ) -> tuple[list[float], Federation]:
     """Fit a federation for ``rounds`` rounds; wall seconds of each round and the federation.
@@ -177,7 +232,7 @@ def pflight_run(
     The CPU seconds of each round are left in ``federation.round_cpu_s``.
     """
     pl.seed_everything(0, verbose=False)
-    net = make_net(data)
+    net = net_fn(data)
     fed = Federation(client(net) if client is not None else FedAvg(net, lr=LR), executor=executor)
     timer = RoundTimer()
     kwargs: dict[str, object] = {
@@ -396,14 +451,25 @@ def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        choices=["plain", "multiprocess", "flower", "meta", "eval"],
-        help="columns to skip",
+        choices=["plain", "multiprocess", "flower", "meta", "eval", "cnn", "auto"],
+        help="columns or tables to skip (cnn: the CNN table; auto: executor='auto' everywhere, and its table)",
     )
     parser.add_argument("--flower-rounds", type=int, default=3, help="Flower rounds (the first a warm-up)")
     parser.add_argument(
         "--flower-timeout", type=float, default=900, help="seconds per Flower run; the rounds done by then are kept"
     )
     parser.add_argument("--flower-dir", type=Path, default=Path.home() / ".cache" / "pflight-bench" / "flower")
+    parser.add_argument("--cnn-clients", type=int, nargs="*", default=[10, 50], help="K of the CNN table")
+    parser.add_argument(
+        "--cnn-shapes",
+        nargs="*",
+        default=list(CNN_SHAPES),
+        choices=list(CNN_SHAPES),
+        help="image shapes of the CNN table (default: both)",
+    )
+    parser.add_argument(
+        "--cnn-samples", type=int, default=200, help="random images per client in the CNN table (70%% train)"
+    )
     parser.add_argument("--meta-clients", type=int, nargs="*", default=[10, 50], help="K of the meta-learning table")
     parser.add_argument("--quick", action="store_true", help="smoke run: K 10 50, 3 rounds, no (d), (e)")
     parser.add_argument("--worker", choices=["multiprocess", "flower"], help=argparse.SUPPRESS)
@@ -415,7 +481,7 @@ def main() -> None:
         worker_flower(args.clients[0], args.rounds)
         return
     if args.quick:
-        args.clients, args.rounds, args.meta_clients = [10, 50], 3, [10]
+        args.clients, args.rounds, args.meta_clients, args.cnn_shapes = [10, 50], 3, [10], ["1x28x28"]
         args.skip = sorted({*args.skip, "multiprocess", "flower"})
     skip = set(args.skip)
 
@@ -439,7 +505,7 @@ def main() -> None:
         per_threads: dict[int, dict[str, float]] = {}
         for threads in args.threads:
             torch.set_num_threads(threads)
-            times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "a_cpu": [], "b_cpu": [], "c_cpu": []}
+            times: dict[str, list[float]] = {c: [] for c in ("a", "b", "c", "a_cpu", "b_cpu", "c_cpu", "auto")}
             if "plain" not in skip:
                 plain_loop(data, 1)  # warm-up
             for _ in range(args.repeats):  # interleaved, so that load drifts hit every column alike
@@ -453,9 +519,13 @@ def main() -> None:
                 times["c"] += vec_times[1:]
                 times["b_cpu"] += seq.round_cpu_s[1:]  # type: ignore[attr-defined]
                 times["c_cpu"] += vec.round_cpu_s[1:]  # type: ignore[attr-defined]
+                if "auto" not in skip:
+                    auto_times, auto = pflight_run(data, args.rounds, "auto")
+                    times["auto"] += auto_times[1:]
+                    row["auto_pick"] = auto.executor_for("train")
             per_threads[threads] = {col: statistics.median(t) for col, t in times.items() if t}
         row["per_threads"] = per_threads
-        for col in ("a", "b", "c"):
+        for col in ("a", "b", "c", "auto"):
             if all(col in v for v in per_threads.values()):
                 best = min(per_threads, key=lambda t: per_threads[t][col])
                 row[col], row[f"{col}_threads"] = per_threads[best][col], best
@@ -571,11 +641,110 @@ def main() -> None:
         for name, ok, value in targets:
             print(f"  {'met ' if ok else 'MISS'} {name}: {value}")
 
+    cnn_rows = []
+    if "cnn" not in skip and args.cnn_clients and args.cnn_shapes:
+        cnn_rows = cnn_table(args.cnn_clients, args.cnn_shapes, args.cnn_samples, args.rounds, args.threads, skip)
+    if "auto" not in skip:
+        mlp_rows = [{"workload": f"MLP {r['data']}", **r} for r in rows]
+        auto_table([r for r in mlp_rows + cnn_rows if "auto" in r])
     if "eval" not in skip:
         eval_table([k for k in args.clients if k <= 100], args.rounds, args.threads)
     if "meta" not in skip and args.meta_clients:
         meta_table(args.meta_clients, args.rounds, args.threads)
     print(f"\nload average at the end: {load_average()}")
+
+
+def cnn_table(
+    clients: list[int], shapes: list[str], per_client: int, rounds: int, thread_counts: list[int], skip: set[str]
+) -> list[dict[str, object]]:
+    """FedAvg on ``pflight.models.CNN``, batch 32: (a) plain, (b) sequential, (c) vectorized, (d) auto; the rows.
+
+    Random images of MNIST's and CIFAR-10's shapes (:class:`RandomImages`), ``per_client`` per client, IID;
+    each column at its fastest thread count, interleaved as in the main table.
+    """
+    print()
+    print(
+        f"FedAvg on CNN (conv 16, 32; fc 120, 84), batch {CNN_BATCH}, lr {LR}, {per_client} random images per client"
+        f" (70% train), {rounds} rounds (first dropped); load average {load_average()}"
+    )
+    print(
+        f"{'shape':>7} | {'K':>4} | {'(a) plain':>10} | {'(b) seq':>10} | {'(c) vec':>10} | {'(d) auto':>10} |"
+        f" {'auto runs':>10} | {'b/a':>5} | {'c/a':>5} | {'d/b':>5} | max |b-c|"
+    )
+    print("-" * 112)
+    out: list[dict[str, object]] = []
+    for shape in shapes:
+        for k in clients:
+            data = make_cnn_data(k, CNN_SHAPES[shape], per_client)
+            best: dict[str, tuple[float, int]] = {}
+            row: dict[str, object] = {"workload": f"CNN {shape}", "K": k}
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                times: dict[str, float] = {}
+                if "plain" not in skip:
+                    plain_loop(data, 1, net_fn=make_cnn)  # warm-up
+                    times["a"] = median_after_warmup(plain_loop(data, rounds, net_fn=make_cnn))
+                seq_times, seq = pflight_run(data, rounds, "sequential", net_fn=make_cnn)
+                vec_times, vec = pflight_run(data, rounds, "vectorized", net_fn=make_cnn)
+                times["b"], times["c"] = median_after_warmup(seq_times), median_after_warmup(vec_times)
+                if "auto" not in skip:
+                    auto_times, auto = pflight_run(data, rounds, "auto", net_fn=make_cnn)
+                    times["auto"] = median_after_warmup(auto_times)
+                    row["auto_pick"] = auto.executor_for("train")
+                for col, t in times.items():
+                    if col not in best or t < best[col][0]:
+                        best[col] = (t, threads)
+            row.update({col: t for col, (t, _) in best.items()})
+            row["threads"] = {col: n for col, (_, n) in best.items()}
+            a, b, c, d = row.get("a"), row["b"], row["c"], row.get("auto")
+            note = f"  (c) FELL BACK: {vec._fallback_reason}" if vec._fallback_reason else ""
+            print(
+                f"{shape:>7} | {k:>4} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} |"  # type: ignore[arg-type]
+                f" {fmt(row.get('auto_pick', '-'))} |"  # type: ignore[arg-type]
+                f" {fmt(b / a if isinstance(a, float) else None, 5, 2)} |"  # type: ignore[operator]
+                f" {fmt(c / a if isinstance(a, float) else None, 5, 2)} |"  # type: ignore[operator]
+                f" {fmt(d / b if isinstance(d, float) else None, 5, 2)} |"  # type: ignore[operator]
+                f" {max_weight_difference(seq, vec):.1e}{note}",
+                flush=True,
+            )
+            out.append(row)
+    threads = ", ".join(
+        f"{r['workload']} K={r['K']}: " + " ".join(f"({c}) {n}" for c, n in r["threads"].items())  # type: ignore[attr-defined]
+        for r in out
+    )
+    print(
+        "s/round (median, warm-up dropped, each column its fastest thread count); b/a, c/a: over plain PyTorch"
+        f" (> 1: slower); d/b: auto over sequential\nthreads: {threads}"
+    )
+    return out
+
+
+def auto_table(rows: list[dict[str, object]]) -> None:
+    """``executor="auto"`` against sequential and vectorized on every workload timed; the claim, with its ratio."""
+    print()
+    print(
+        f"{'workload':>15} | {'K':>4} | {'seq s':>8} | {'auto s':>8} | {'vec s':>8} | {'auto runs':>10} |"
+        f" {'auto/seq':>8} | {'auto/best':>9}"
+    )
+    print("-" * 90)
+    claims = []
+    for r in rows:
+        b, d, c = r["b"], r["auto"], r["c"]
+        print(
+            f"{r['workload']:>15} | {r['K']:>4} | {b:>8.4f} | {d:>8.4f} | {c:>8.4f} | {r['auto_pick']:>10} |"
+            f" {d / b:>8.2f} | {d / min(b, c):>9.2f}"  # type: ignore[operator, type-var]
+        )
+        claims.append((f"{r['workload']} K={r['K']}", d / b))  # type: ignore[operator]
+    print(
+        "s/round, each at its fastest thread count; auto runs: the executor auto chose for training;"
+        " auto/best: over the faster of seq and vec"
+    )
+    worst = max(ratio for _, ratio in claims) if claims else float("nan")
+    ok = worst <= AUTO_SLACK
+    print(
+        f"  {'met ' if ok else 'MISS'} auto is never slower than sequential (within {AUTO_SLACK - 1:.0%} timing"
+        f" noise): worst auto/seq {worst:.2f}x ({', '.join(f'{n} {v:.2f}x' for n, v in claims)})"
+    )
 
 
 def eval_table(clients: list[int], rounds: int, thread_counts: list[int]) -> None:
