@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -143,6 +143,39 @@ def gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+def stratified_sample(strata: Sequence[Sequence[int]], size: int, generator: torch.Generator) -> list[int]:
+    """``size`` ids drawn without replacement, each stratum in proportion to its size; sorted.
+
+    Shares are rounded by largest remainder, and every non-empty stratum keeps at least one id when ``size``
+    allows, so a small sample of seen and new clients still has both. ``size`` >= all ids takes them all.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> s = stratified_sample([list(range(90)), list(range(90, 100))], 20, g)
+    >>> len(s), sum(k >= 90 for k in s)
+    (20, 2)
+    >>> sum(k >= 90 for k in stratified_sample([list(range(90)), list(range(90, 100))], 3, g))
+    1
+    """
+    sizes = [len(s) for s in strata]
+    total = sum(sizes)
+    if size >= total:
+        return sorted(k for s in strata for k in s)
+    quotas = [size * n / total for n in sizes]
+    take = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(strata)), key=lambda i: quotas[i] - take[i], reverse=True)
+    for i in by_remainder[: size - sum(take)]:
+        take[i] += 1
+    if size >= sum(n > 0 for n in sizes):
+        for i, n in enumerate(sizes):
+            if n > 0 and take[i] == 0:  # a stratum rounded away: one id from the largest share
+                j = max(range(len(take)), key=take.__getitem__)
+                take[i], take[j] = 1, take[j] - 1
+    picked: list[int] = []
+    for ids, m in zip(strata, take, strict=True):
+        picked += [ids[int(i)] for i in torch.randperm(len(ids), generator=generator)[:m]]
+    return sorted(picked)
+
+
 class Federation(pl.LightningModule):
     """A personalized federation run by one Lightning Trainer.
 
@@ -158,7 +191,8 @@ class Federation(pl.LightningModule):
                 store[k] = client.client_state(); uploads[k] = client.upload()
             server.update(uploads)
         validation_step(all client ids):                       # every `eval_every` rounds
-            per client: personalize on its train split, evaluate on val (test for `pflight test`)
+            ids = all, or a sample of `eval_clients`            # seeded by (seed, round); all in the last round
+            per client in ids: personalize on its train split, evaluate on val (test for `pflight test`)
                                                                # vectorized: a chunk of clients at once
 
     The Trainer contributes devices and precision (autocast around the steps, loss scaling in
@@ -183,6 +217,14 @@ class Federation(pl.LightningModule):
         dropout_rate: share of sampled clients that drop out each round (never report).
         straggler_rate: share of sampled clients that straggle (do only part of their local work).
         straggler_work: the share of its local steps a straggler completes.
+        eval_clients: how many clients the evaluation of a round before the last covers: None (the default)
+            every client; an int that many (all when there are fewer; a whole float above 1 counts too); a
+            float in (0, 1] that share (so 1.0 is every client). The sample is seeded by (seed, round), the
+            same on every process, with seen and new clients in proportion; the last round of fit,
+            ``pflight validate``, ``test`` and ``predict`` evaluate every client. The ``val/`` metrics are
+            then over the sample (``val/clients_evaluated`` says how many), so a checkpoint monitoring
+            ``val/personalized_acc`` picks its best round on a sampled estimate; a run stopped early (early
+            stopping, a time limit) ends on a sampled evaluation.
     """
 
     def __init__(
@@ -198,6 +240,7 @@ class Federation(pl.LightningModule):
         dropout_rate: float = 0.0,
         straggler_rate: float = 0.0,
         straggler_work: float = 0.5,
+        eval_clients: int | float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(client, ClientModule):
@@ -230,6 +273,15 @@ class Federation(pl.LightningModule):
                 raise ValueError(f"`Federation({name}={value})` must be in [0, 1].")
         if not 0.0 < straggler_work <= 1.0:
             raise ValueError(f"`Federation(straggler_work={straggler_work})` must be in (0, 1].")
+        if isinstance(eval_clients, float) and eval_clients > 1.0 and eval_clients.is_integer():
+            eval_clients = int(eval_clients)  # a count the CLI parsed as a float (`int | float` may try float first)
+        count_ok = isinstance(eval_clients, int) and not isinstance(eval_clients, bool) and eval_clients >= 1
+        share_ok = isinstance(eval_clients, float) and 0.0 < eval_clients <= 1.0
+        if eval_clients is not None and not (count_ok or share_ok):
+            raise ValueError(
+                f"`Federation(eval_clients={eval_clients!r})` is not valid: use a number of clients >= 1, a share"
+                " in (0, 1], or None to evaluate every client."
+            )
         self.automatic_optimization = False
         self.client = client
         self.server = server if server is not None else client.configure_server()
@@ -242,6 +294,8 @@ class Federation(pl.LightningModule):
         self.dropout_rate = dropout_rate
         self.straggler_rate = straggler_rate
         self.straggler_work = straggler_work
+        self.eval_clients = eval_clients
+        self._last_round = False  # set before each round: the last round of fit evaluates every client
         self._fallback_reason: str | None = None
         self._auto: dict[str, tuple[str, str]] = {}  # "train"/"eval" -> (executor, why), chosen once under auto
         self._eval_fallback_reason: str | None = None
@@ -465,6 +519,7 @@ class Federation(pl.LightningModule):
             trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.current_epoch + 1 >= trainer.max_epochs
         ) or (trainer.max_steps is not None and trainer.max_steps > 0 and self.global_step + 1 >= trainer.max_steps)
         trainer.check_val_every_n_epoch = 1 if last else self.eval_every
+        self._last_round = bool(last)
 
     def _watch_divergence(self, loss: float, round_idx: int) -> None:
         """Warn once when the round's training loss is past 10x a chance-level classifier's (ln C): divergence."""
@@ -689,9 +744,30 @@ class Federation(pl.LightningModule):
 
     @override
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Personalized evaluation of every client on its validation split."""
+        """Personalized evaluation on the validation split: every client, or a sample (``eval_clients``)."""
         with gc_frozen():
-            self.evaluate_clients(list(range(self.data.num_clients)), "val")
+            self.evaluate_clients(self.evaluation_clients(self.current_epoch), "val")
+
+    def evaluation_clients(self, round_idx: int) -> list[int]:
+        """The clients evaluated in round ``round_idx`` of fit: all, or a sample of ``eval_clients``.
+
+        The sample is seeded by (seed, round), the same on every process, with seen and new clients in
+        proportion (:func:`stratified_sample`); the last round of fit and evaluation outside fit take all.
+        """
+        dm = self.data
+        everyone = list(range(dm.num_clients))
+        fitting = self.trainer.state.fn == "fit"
+        if self.eval_clients is None or not fitting or self._last_round:
+            return everyone
+        k = len(everyone)
+        if isinstance(self.eval_clients, float):
+            size = max(1, int(round(self.eval_clients * k)))
+        else:
+            size = min(self.eval_clients, k)
+        new = set(dm.new_clients)
+        strata = [[c for c in everyone if c not in new], sorted(new)]
+        g = torch.Generator().manual_seed(stream_seed(dm.seed, round_idx, Stream.EVAL_SAMPLE))
+        return stratified_sample(strata, size, g)
 
     @override
     def on_predict_model_eval(self) -> None:
@@ -817,6 +893,7 @@ class Federation(pl.LightningModule):
             out[f"{stage}/new_clients_acc"] = n["mean"]
             out[f"{stage}/new_clients_acc_weighted"] = n["weighted"]
         out.update(self._client_logs(client_logs, stage))
+        out[f"{stage}/clients_evaluated"] = float(len(client_ids))
         out[f"{stage}/eval_s"] = time.perf_counter() - eval_start
         self.log_dict(out, on_epoch=True, on_step=False, batch_size=1, sync_dist=True)
         self.last_evaluation = {

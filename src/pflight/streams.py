@@ -28,7 +28,8 @@ class Stream(IntEnum):
     Per (seed, round, client): ``TRAIN`` (batch order and local randomness of local training; the
     vectorized executor uses it for the same batch order), ``EVAL`` (personalization at evaluation),
     ``FAULT`` (dropouts and stragglers), ``FEDORA_SIGNATURE`` (FEDORA's one-time signature pass); per
-    (seed, round): ``SAMPLE`` (the round's clients), ``FEDMD_SUBSET`` (FedMD's public subset); per seed:
+    (seed, round): ``SAMPLE`` (the round's clients), ``EVAL_SAMPLE`` (the clients a round evaluates under
+    ``Federation(eval_clients=...)``), ``FEDMD_SUBSET`` (FedMD's public subset); per seed:
     ``NEW_CLIENTS``, ``PUBLIC_POOL``, ``CLIENT_SPLIT`` (with the client), ``PFEDHN_INIT``; per client:
     ``META_SUPPORT`` (the fixed support/query split), ``LOCAL_ONLY`` (the local-only model's batches).
     The global RNGs are reseeded per (seed, round, client, purpose + ``GLOBAL_OFFSET``) for dropout
@@ -43,6 +44,7 @@ class Stream(IntEnum):
     SAMPLE = 2
     FAULT = 3
     FEDORA_SIGNATURE = 4  # its generator is never drawn from; it was 3 (FAULT's) before it had its own
+    EVAL_SAMPLE = 5
     CLIENT_SPLIT = 31
     GLOBAL_OFFSET = 100
     NEW_CLIENTS = 7919
