@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -186,25 +187,78 @@ class Synthetic(DataSource):
         self.max_samples = max_samples
 
     def load_clients(self, num_clients: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-        """Called once: draw every client's model, inputs and labels."""
+        """Called once: draw every client's model, inputs and labels.
+
+        Client k's draws are, in this order, ``u, W, b, B, v`` (unless ``iid``) and its standard-normal
+        inputs; all are standard normals shifted and scaled, so they come from one big draw per
+        chunk of clients, sliced (one call of n draws reads the generator exactly as n calls of one),
+        and the data are bit-identical to drawing client by client with ``Generator.normal`` and
+        ``Generator.multivariate_normal``.
+        """
         rng = np.random.default_rng(seed)
         sizes = np.minimum(rng.lognormal(4, 2, num_clients).astype(int) + 50, self.max_samples)
-        cov = np.diag(np.arange(1, self.dim + 1, dtype=float) ** -1.2)
-        w_shared = rng.normal(0, 1, (self.dim, self.num_classes))
-        b_shared = rng.normal(0, 1, self.num_classes)
+        dim, classes = self.dim, self.num_classes
+        cov = np.diag(np.arange(1, dim + 1, dtype=float) ** -1.2)
+        w_shared = rng.normal(0, 1, (dim, classes))
+        b_shared = rng.normal(0, 1, classes)
+        factor = mvn_factor(cov)
+        scale = np.diag(factor) if np.array_equal(factor, np.diag(np.diag(factor))) else None
+        root_alpha, root_beta = np.sqrt(self.alpha), np.sqrt(self.beta)
+        head = 0 if self.iid else 2 + dim * classes + classes + dim  # u, W, b, B, v
         out = []
-        for k in range(num_clients):
-            if self.iid:
-                w, b, v = w_shared, b_shared, np.zeros(self.dim)
-            else:
-                u = rng.normal(0, np.sqrt(self.alpha))
-                w = rng.normal(u, 1, (self.dim, self.num_classes))
-                b = rng.normal(u, 1, self.num_classes)
-                v = rng.normal(rng.normal(0, np.sqrt(self.beta)), 1, self.dim)
-            x = rng.multivariate_normal(v, cov, int(sizes[k]))
-            y = np.argmax(x @ w + b, axis=1)
-            out.append((torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)))
+        for start, stop, z in _chunks(rng, head + sizes * dim):
+            at = 0
+            for k in range(start, stop):
+                n = int(sizes[k])
+                if self.iid:
+                    w, b, v = w_shared, b_shared, np.zeros(dim)
+                else:
+                    u = 0.0 + root_alpha * z[at]  # normal(0, sqrt(alpha)) is 0 + sqrt(alpha) * z
+                    w = u + z[at + 1 : at + 1 + dim * classes].reshape(dim, classes)
+                    at += 1 + dim * classes
+                    b = u + z[at : at + classes]
+                    v = (0.0 + root_beta * z[at + classes]) + z[at + classes + 1 : at + classes + 1 + dim]
+                    at += classes + 1 + dim
+                noise = z[at : at + n * dim].reshape(n, dim)  # (n, dim)
+                at += n * dim
+                # multivariate_normal's `mean + noise @ factor.T`; with a diagonal factor every output is
+                # one product, so the elementwise form is the same number
+                x = v + (noise * scale if scale is not None else noise @ factor.T)
+                y = np.argmax(x @ w + b, axis=1)
+                # numpy's cast rounds as torch's does, without torch's thread pool (slow on many small arrays)
+                out.append((torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))))
         return out
+
+
+def mvn_factor(cov: np.ndarray) -> np.ndarray:
+    """The matrix ``F`` with which ``Generator.multivariate_normal`` maps standard normals: ``mean + z @ F.T``.
+
+    NumPy's default (``method="svd"``) takes ``F = U sqrt(S)`` from ``cov = U S V^T``.
+
+    >>> cov = np.diag([4.0, 1.0])
+    >>> z = np.random.default_rng(0).standard_normal((3, 2))
+    >>> x = np.random.default_rng(0).multivariate_normal(np.zeros(2), cov, 3)
+    >>> bool(np.array_equal(x, 0 + z @ mvn_factor(cov).T))
+    True
+    """
+    u, s, _ = np.linalg.svd(cov)
+    return u * np.sqrt(s)
+
+
+def _chunks(
+    rng: np.random.Generator, counts: np.ndarray, budget: int = 1 << 22
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(start, stop, draws)``: the standard normals of clients ``start..stop-1`` (``counts`` each).
+
+    Chunks hold about ``budget`` draws (at least one client), so memory stays bounded whatever K.
+    """
+    ends = np.cumsum(counts)
+    start = 0
+    while start < len(ends):
+        base = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + budget, side="right")))
+        yield start, stop, rng.standard_normal(int(ends[stop - 1]) - base)
+        start = stop
 
 
 SOURCES: dict[str, type[DataSource]] = {
