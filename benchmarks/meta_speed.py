@@ -30,7 +30,9 @@ from torch import nn
 
 from pflight import Federation
 from pflight.algorithms import FedAvg
-from pflight.algorithms.meta import MAML, MetaSGD, PerFedAvg, Reptile
+from pflight.algorithms.maml import MAML, MetaSGD
+from pflight.algorithms.perfedavg import PerFedAvg
+from pflight.algorithms.reptile import Reptile
 from pflight.client import ClientContext, ClientModule
 from pflight.data import DirichletPartitioner, FederatedDataModule
 

@@ -797,7 +797,8 @@ def eval_table(clients: list[int], rounds: int, thread_counts: list[int]) -> Non
 
 def meta_table(clients: list[int], rounds: int, thread_counts: list[int]) -> None:
     """Per-Fedavg HF and exact MAML in both executors: seconds per round, each at its fastest thread count."""
-    from pflight.algorithms.meta import MAML, PerFedAvg
+    from pflight.algorithms.maml import MAML
+    from pflight.algorithms.perfedavg import PerFedAvg
 
     algorithms: dict[str, Callable[[nn.Module], ClientModule]] = {
         "Per-FedAvg HF": lambda n: PerFedAvg(n, lr=LR, variant="hf"),

@@ -12,17 +12,11 @@ from torch.nn import functional as F  # noqa: N812
 
 from pflight import Federation
 from pflight.algorithms import FedAvg
-from pflight.algorithms.meta import (
-    MAML,
-    META_SGD_PREFIX,
-    FedMetaServer,
-    GradientAccumulator,
-    MetaSGD,
-    PerFedAvg,
-    PersonalizedFedAvg,
-    Reptile,
-)
+from pflight.algorithms.maml import MAML, META_SGD_PREFIX, FedMetaServer, MetaSGD
+from pflight.algorithms.meta_base import GradientAccumulator
 from pflight.algorithms.meta_functional import central_difference_hvp, gradient, hessian_vector_product
+from pflight.algorithms.perfedavg import PerFedAvg
+from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
 from pflight.callbacks import FederationCheckpoint
 from pflight.client import ClientContext
 from pflight.data import FederatedDataModule, PathologicalPartitioner

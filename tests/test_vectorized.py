@@ -12,7 +12,9 @@ from torch import nn
 from pflight import Federation
 from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.fedora import Fedora
-from pflight.algorithms.meta import MAML, MetaSGD, PerFedAvg, PersonalizedFedAvg, Reptile
+from pflight.algorithms.maml import MAML, MetaSGD
+from pflight.algorithms.perfedavg import PerFedAvg
+from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
 from pflight.client import ClientModule, float_state
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.data.datamodule import ClientData

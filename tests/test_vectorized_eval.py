@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from pflight import Federation
 from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
-from pflight.algorithms.meta import MAML
+from pflight.algorithms.maml import MAML
 from pflight.client import ClientContext, ClientModule, FineTune
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.models import MLP

@@ -629,7 +629,7 @@ class MAMLAlgorithm(VectorizedAlgorithm):
 
     @override
     def unsupported_reason(self, federation: Federation) -> str | None:
-        from pflight.algorithms.meta import GradientAccumulator
+        from pflight.algorithms.meta_base import GradientAccumulator
 
         opt = _optimizer(federation)
         if type(opt) is not GradientAccumulator:
@@ -787,7 +787,9 @@ def _builtin() -> dict[type, VectorizedAlgorithm]:
         _REGISTRY[FedProx] = FedProxAlgorithm()
         _REGISTRY[LocalOnly] = LocalOnlyAlgorithm()
         try:  # written alongside this executor: serve what exists
-            from pflight.algorithms.meta import MAML, PerFedAvg, Reptile
+            from pflight.algorithms.maml import MAML
+            from pflight.algorithms.perfedavg import PerFedAvg
+            from pflight.algorithms.reptile import Reptile
 
             _REGISTRY[PerFedAvg] = PerFedAvgAlgorithm()
             _REGISTRY[MAML] = MAMLAlgorithm()

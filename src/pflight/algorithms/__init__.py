@@ -4,8 +4,10 @@ from pflight.algorithms.baselines import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.distillation import EWCAdaptation, FreezeBaseAdaptation, KDAdaptation, LocalAdaptation
 from pflight.algorithms.fedmd import FedMD
 from pflight.algorithms.fedora import Fedora
-from pflight.algorithms.meta import MAML, MetaSGD, PerFedAvg, PersonalizedFedAvg, Reptile
+from pflight.algorithms.maml import MAML, MetaSGD
+from pflight.algorithms.perfedavg import PerFedAvg
 from pflight.algorithms.pfedhn import PFedHN, PFedHNPC
+from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
 
 __all__ = [
     "MAML",

@@ -1,0 +1,339 @@
+"""FedMeta clients: MAML / FOMAML and Meta-SGD, with their server.
+
+Conventions shared with the other meta-learning clients (weight dicts in inner loops, float32 inner math,
+the BatchNorm policy, the outer loss through ``manual_backward``): :mod:`pflight.algorithms.meta_base`.
+
+- :class:`MAML` (FOMAML with ``first_order``): uploads its mean meta-gradient; the server
+  (:class:`FedMetaServer`) averages and steps Adam; evaluation runs the same inner steps on the support view.
+- :class:`MetaSGD`: as MAML, with a learned per-parameter inner learning rate α trained by the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+from typing_extensions import override
+
+from pflight.algorithms.meta_base import GradientAccumulator, _device_type, _draw, support_query_split
+from pflight.algorithms.meta_functional import adapt, copy_buffers, forward, full_precision, upcast
+from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.messages import Message
+from pflight.server import FedAvgServer, Server
+from pflight.streams import Stream, stream_seed
+
+if TYPE_CHECKING:
+    from pflight.federation import Federation
+
+META_SGD_PREFIX = "inner_lr/"  # Meta-SGD's learned learning rates in the global state: "inner_lr/<param name>"
+
+
+# ---------------------------------------------------------------------------------------------- server
+class FedMetaServer(FedAvgServer):
+    """FedMeta's server: the mean of the clients' meta-gradients, applied by a server optimizer (Adam by default).
+
+    A ``gradient`` upload holds one entry per trainable global tensor (θ, and Meta-SGD's α) and, for each
+    floating-point buffer of the network (BatchNorm running statistics), the pseudo-gradient
+    ``received - client statistics``. Trainable tensors go through the optimizer; buffers move outside
+    it by minus their mean pseudo-gradient, i.e. to the mean of the clients' statistics.
+
+    Args:
+        weighted: weight clients by their number of training samples (False: uniform, as in the paper).
+        server_optimizer: the optimizer of the global model (None: ``torch.optim.Adam(lr=meta_lr)``).
+        meta_lr: the outer learning rate β of the default Adam.
+    """
+
+    def __init__(
+        self, weighted: bool = False, server_optimizer: OptimizerCallable | None = None, meta_lr: float = 1e-3
+    ) -> None:
+        if meta_lr <= 0:
+            raise ValueError(f"`FedMetaServer(meta_lr={meta_lr})` must be > 0.")
+        super().__init__(
+            weighted, server_optimizer if server_optimizer is not None else partial(torch.optim.Adam, lr=meta_lr)
+        )
+        self.meta_lr = meta_lr
+        self.buffer_names: set[str] = set()
+
+    @override
+    def setup(self, federation: Federation) -> None:
+        """Called once: note which global entries are buffers, then start from the client's initial state."""
+        net = getattr(federation.client, "net", None)
+        if isinstance(net, nn.Module):
+            self.buffer_names = {n for n, b in net.named_buffers() if b.is_floating_point()}
+        super().setup(federation)
+
+    @override
+    def _build_optimizer(self) -> None:
+        assert self.server_optimizer is not None
+        self._params = {
+            k: nn.Parameter(v, requires_grad=True)
+            for k, v in self.global_state.items()
+            if v.is_floating_point() and k not in self.buffer_names
+        }
+        self._optimizer = self.server_optimizer(list(self._params.values()))
+
+    @override
+    def apply(self, mean: Mapping[str, Tensor], kind: str) -> None:
+        """Optimizer step on the trainable tensors; buffers to the clients' mean statistics."""
+        if kind != "gradient":
+            raise ValueError(
+                f"`FedMetaServer` aggregates meta-gradient uploads, got kind {kind!r}: use it with the MAML or"
+                " MetaSGD clients, or `FedAvgServer` for weight uploads."
+            )
+        missing = sorted(set(self._params) - set(mean))
+        if missing:
+            raise ValueError(
+                f"`FedMetaServer` got gradient uploads without entries {missing}: the client must upload a"
+                " gradient for every trainable global tensor."
+            )
+        super().apply({k: v for k, v in mean.items() if k in self._params}, kind)
+        for name in self.buffer_names & set(mean):
+            self.global_state[name] = self.global_state[name] - mean[name].to(self.global_state[name])
+
+
+# ---------------------------------------------------------------------------------------------- MAML / FedMeta
+class MAML(ClientModule):
+    """MAML (second order by default) and FOMAML (``first_order=True``) as a FedMeta client.
+
+    Each client's train split is cut once (seeded by the client id) into a support view S
+    (``support_fraction`` of it) and a query view Q. Local training, per meta-step::
+
+        xs, ys = a support batch of S (all of S when it fits in a batch); xq, yq = a query batch of Q
+        theta_k = adapt(theta; xs, ys; inner_steps steps of inner_lr)   # float32; graph kept unless first_order
+        return CE(theta_k; xq, yq)                                       # the federation's manual_backward
+        optimizer step: accumulate d CE / d theta, theta does not move   # GradientAccumulator
+
+    The federation's train batches only pace the meta-steps (``local_steps`` per round, 1 by default:
+    one meta-gradient per client per round as in FedMeta); their samples are not used. The client
+    uploads its mean meta-gradient (kind ``gradient``); the server (:class:`FedMetaServer`) averages it
+    and applies Adam(``meta_lr``) by default. ``first_order=False`` gives the exact meta-gradient
+    ``(I - α H_0) ... (I - α H_{k-1}) ∇ℓ_Q(θ_k)``; ``first_order=True`` gives ``∇ℓ_Q(θ_k)``.
+
+    Evaluation: ``eval_inner_steps`` inner steps on a support batch of S, then the adapted model is evaluated.
+
+    BatchNorm: the support passes update this client's copy of the received statistics (its
+    statistics, uploaded as ``received - client`` and averaged by the server); query passes run on a
+    throwaway copy; the received model's buffers are never written. At evaluation the support passes
+    give the adapted model its statistics.
+
+    Args:
+        net: the network.
+        inner_lr: the inner step size α.
+        inner_steps: inner steps k per meta-step (each on the same support batch).
+        first_order: drop the second-order terms (FOMAML).
+        support_fraction: share of each client's train split in its support view.
+        meta_lr: the server's outer learning rate β (of the default Adam).
+        weighted: server mean weighted by training-set size (False: uniform).
+        server_optimizer: the server optimizer (None: ``torch.optim.Adam(lr=meta_lr)``).
+        local_steps: meta-steps per round (their gradients are averaged); None: ``local_epochs`` passes.
+        local_epochs: with ``local_steps=None``, meta-steps per round = batches in this many passes.
+        eval_inner_steps: inner steps at evaluation (None: ``inner_steps``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        support_fraction: float = 0.2,
+        meta_lr: float = 1e-3,
+        weighted: bool = False,
+        server_optimizer: OptimizerCallable | None = None,
+        local_steps: int | None = 1,
+        local_epochs: int = 1,
+        eval_inner_steps: int | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if inner_lr <= 0:
+            raise ValueError(f"`{name}(inner_lr={inner_lr})` must be > 0.")
+        if inner_steps < 1:
+            raise ValueError(f"`{name}(inner_steps={inner_steps})` must be >= 1.")
+        if eval_inner_steps is not None and eval_inner_steps < 0:
+            raise ValueError(f"`{name}(eval_inner_steps={eval_inner_steps})` must be >= 0 or None.")
+        if not 0.0 < support_fraction < 1.0:
+            raise ValueError(
+                f"`{name}(support_fraction={support_fraction})` must be in (0, 1): the rest of the train split is"
+                " the query set."
+            )
+        if meta_lr <= 0:
+            raise ValueError(f"`{name}(meta_lr={meta_lr})` must be > 0.")
+        super().__init__(net, lr=inner_lr, local_epochs=local_epochs, local_steps=local_steps)
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.support_fraction = support_fraction
+        self.meta_lr = meta_lr
+        self.weighted = weighted
+        self.server_optimizer = server_optimizer
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self._accumulator: GradientAccumulator | None = None
+        self._stats: dict[str, Tensor] = {}  # this client's BatchNorm statistics during local training
+
+    # ---------------------------------------------------------------- setup
+    @override
+    def configure_server(self) -> Server:
+        """Mean meta-gradient, then the server optimizer (Adam by default)."""
+        return FedMetaServer(self.weighted, self.server_optimizer, self.meta_lr)
+
+    def trainable(self) -> dict[str, Tensor]:
+        """The tensors the server trains, by global-state name (the network's parameters)."""
+        return dict(self.net.named_parameters())
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """A gradient accumulator: FedMeta clients do not update θ locally."""
+        self._accumulator = GradientAccumulator(list(self.trainable().values()))
+        return self._accumulator
+
+    def inner_lrs(self) -> float | dict[str, Tensor]:
+        """The inner step size: the scalar α (Meta-SGD: a tensor per parameter)."""
+        return self.inner_lr
+
+    # ---------------------------------------------------------------- data
+    def support_query(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """The current client's fixed support and query views of its train split, on its device."""
+        ctx = self.context
+        if ctx is None:
+            raise RuntimeError(
+                f"`{type(self).__name__}.support_query()` needs a client context: run it in a federation."
+            )
+        x, y = ctx.data.split("train")
+        gen = torch.Generator().manual_seed(stream_seed(ctx.client_id, Stream.META_SUPPORT))
+        s, q = support_query_split(len(y), self.support_fraction, gen)
+        dev = ctx.device
+        return (x[s].to(dev), y[s].to(dev)), (x[q].to(dev), y[q].to(dev))
+
+    def meta_batches(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """A support batch of S and a query batch of Q (each whole when it fits in ``batch_size``)."""
+        assert self.context is not None
+        (xs, ys), (xq, yq) = self.support_query()
+        size, gen = self.context.batch_size, self.context.generator
+        return _draw(xs, ys, size, gen), _draw(xq, yq, size, gen)
+
+    # ---------------------------------------------------------------- training
+    @override
+    def on_local_train_start(self) -> None:
+        """Start this client's statistics from the received ones."""
+        self._stats = copy_buffers(self.net)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One meta-step: adapt on a support batch (float32), return the query loss at the adapted weights."""
+        (xs, ys), (xq, yq) = self.meta_batches()
+        with full_precision(_device_type(self.net)):
+            params = dict(self.net.named_parameters())
+            fast = adapt(self.net, params, self._stats, xs, ys, self.inner_lrs(), self.inner_steps, self.first_order)
+        query_stats = {n: b.clone() for n, b in self._stats.items()}  # the query pass must not move statistics
+        return F.cross_entropy(upcast(forward(self.net, fast, query_stats, xq)), yq)
+
+    @override
+    def upload(self) -> Message | None:
+        """The mean meta-gradient, plus ``received - client`` for each float buffer."""
+        assert self.context is not None
+        acc = self._accumulator
+        if acc is None or acc.num_steps() == 0:
+            return None  # every step was skipped (non-finite 16-bit gradients): nothing to report
+        tensors = {name: acc.mean_gradient(p).detach().clone() for name, p in self.trainable().items()}
+        for name, b in self.net.named_buffers():
+            if b.is_floating_point() and name in self._stats:
+                tensors[name] = (b - self._stats[name]).detach()
+        return Message("gradient", tensors, n_samples=self.context.data.num_samples("train"))
+
+    # ---------------------------------------------------------------- evaluation
+    @override
+    def personalize(self) -> None:
+        """The same inner steps (float32) on a support batch; the adapted weights and statistics are loaded."""
+        if self.eval_inner_steps == 0:
+            return
+        (xs, ys), _ = self.meta_batches()
+        lr = self.inner_lrs()
+        lr = {n: a.detach() for n, a in lr.items()} if isinstance(lr, dict) else lr
+        was_training = self.net.training
+        self.net.train()
+        stats = copy_buffers(self.net)
+        with torch.enable_grad(), full_precision(_device_type(self.net)):
+            start = {n: p.detach().requires_grad_(True) for n, p in self.net.named_parameters()}
+            fast = adapt(self.net, start, stats, xs, ys, lr, self.eval_inner_steps, first_order=True)
+        load_float_state(self.net, {**{n: p.detach() for n, p in fast.items()}, **stats})
+        self.net.train(was_training)
+
+
+class MetaSGD(MAML):
+    """Meta-SGD as a FedMeta client: MAML whose inner step size α is learned, a tensor per parameter.
+
+    The inner step is ``θ' = θ − α ⊙ ∇ℓ_S(θ)``; the client uploads the query-loss gradients of θ and of α
+    (for one inner step ``∂ℓ_Q/∂α = −∇ℓ_S(θ) ⊙ ∇ℓ_Q(θ')``, not θ's gradient). The server holds α next
+    to θ (global-state entries ``inner_lr/<parameter name>``, initialized to ``inner_lr``) and trains
+    both with its optimizer. α may become negative, as Meta-SGD allows. Arguments as :class:`MAML`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        support_fraction: float = 0.2,
+        meta_lr: float = 1e-3,
+        weighted: bool = False,
+        server_optimizer: OptimizerCallable | None = None,
+        local_steps: int | None = 1,
+        local_epochs: int = 1,
+        eval_inner_steps: int | None = None,
+    ) -> None:
+        super().__init__(
+            net,
+            inner_lr,
+            inner_steps,
+            first_order,
+            support_fraction,
+            meta_lr,
+            weighted,
+            server_optimizer,
+            local_steps,
+            local_epochs,
+            eval_inner_steps,
+        )
+        self.param_names = [n for n, _ in net.named_parameters()]
+        self.alphas = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), inner_lr)) for p in net.parameters()])
+
+    @override
+    def inner_lrs(self) -> dict[str, Tensor]:
+        """α by parameter name."""
+        return dict(zip(self.param_names, self.alphas, strict=True))
+
+    @override
+    def trainable(self) -> dict[str, Tensor]:
+        """θ and α, by global-state name."""
+        out = dict(self.net.named_parameters())
+        out.update({META_SGD_PREFIX + n: a for n, a in self.inner_lrs().items()})
+        return out
+
+    @override
+    def capture_initial_state(self) -> None:
+        """The initial weights and the initial α."""
+        self._initial = {
+            **float_state(self.net),
+            **{META_SGD_PREFIX + n: a.detach().clone() for n, a in self.inner_lrs().items()},
+        }
+
+    @override
+    def receive(self, message: Message | None) -> None:
+        """Load θ into the network and α into the learning rates."""
+        if message is None or message.kind != "weights":
+            return
+        net_part = {k: v for k, v in message.tensors.items() if not k.startswith(META_SGD_PREFIX)}
+        load_float_state(self.net, net_part)
+        alphas = self.inner_lrs()
+        with torch.no_grad():
+            for k, v in message.tensors.items():
+                if k.startswith(META_SGD_PREFIX):
+                    alphas[k[len(META_SGD_PREFIX) :]].copy_(v)
+
+
+__all__ = ["MAML", "META_SGD_PREFIX", "FedMetaServer", "MetaSGD"]

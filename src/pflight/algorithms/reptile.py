@@ -1,0 +1,391 @@
+"""Reptile as a federated client, and Personalized FedAvg (Jiang et al. 2019: FedAvg, then Reptile, then fine-tuning).
+
+Conventions shared with the other meta-learning clients (float32 fine-tuning, the BatchNorm policy):
+:mod:`pflight.algorithms.meta_base`.
+
+- :class:`Reptile`: uploads Δ = W − φ; the server (:class:`ReptileServer`) applies φ += ε·mean Δ;
+  evaluation fine-tunes.
+- :class:`PersonalizedFedAvg` (Jiang et al.): FedAvg with server momentum, then Reptile
+  (:class:`PersonalizedFedAvgServer`); evaluation fine-tunes for a few epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from pflight.algorithms.meta_base import _device_type
+from pflight.algorithms.meta_functional import full_precision
+from pflight.client import ClientModule, OptimizerCallable, float_state
+from pflight.messages import Message
+from pflight.server import FedAvgServer, Server, load_optimizer_state
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+def reptile_update(phi: Mapping[str, Tensor], mean_delta: Mapping[str, Tensor], epsilon: float) -> dict[str, Tensor]:
+    """Reptile's server step ``phi + epsilon * mean_i (W_i - phi)``; with ``epsilon = 1`` it is FedAvg's mean.
+
+    >>> reptile_update({"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}, 0.5)["w"].tolist()
+    [2.0]
+    """
+    return {n: p + epsilon * mean_delta[n].to(p.device, p.dtype) for n, p in phi.items()}
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a ``LightningOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+# ---------------------------------------------------------------------------------------------- servers
+class ReptileServer(FedAvgServer):
+    """Reptile's server: ``phi += epsilon * mean_i (W_i - phi)`` on ``delta`` uploads, or a server optimizer.
+
+    With a server optimizer the pseudo-gradient ``-mean delta`` is given to it (its ``lr`` plays ε).
+
+    Args:
+        epsilon: the outer step size ε (1 with a uniform mean is FedAvg).
+        weighted: weight clients by training-set size (False: uniform, as in Reptile).
+        server_optimizer: optional optimizer of φ (e.g. SGD with momentum, Adam); leave ε at 1 then.
+    """
+
+    def __init__(
+        self, epsilon: float = 1.0, weighted: bool = False, server_optimizer: OptimizerCallable | None = None
+    ) -> None:
+        if not epsilon > 0:
+            raise ValueError(f"`ReptileServer(epsilon={epsilon})` must be > 0.")
+        if server_optimizer is not None and epsilon != 1.0:
+            raise ValueError(
+                f"`ReptileServer(epsilon={epsilon}, server_optimizer=...)`: with a server optimizer the step size"
+                " is the optimizer's `lr`; leave `epsilon` at 1.0."
+            )
+        super().__init__(weighted, server_optimizer)
+        self.epsilon = epsilon
+
+    @override
+    def apply(self, mean: Mapping[str, Tensor], kind: str) -> None:
+        """Move φ by ε times the mean delta (or through the server optimizer)."""
+        if kind != "delta":
+            raise ValueError(f"`ReptileServer` aggregates `delta` uploads (W - phi), got kind {kind!r}.")
+        if self._optimizer is None:
+            self.global_state = reptile_update(self.global_state, mean, self.epsilon)
+        else:
+            super().apply(mean, kind)
+
+
+class PersonalizedFedAvgServer(FedAvgServer):
+    """Personalized FedAvg's server: FedAvg with server momentum, then from ``switch_round`` on Reptile's step.
+
+    Rounds before ``switch_round`` use ``server_optimizer``, later rounds ``reptile_server_optimizer``;
+    both are given the pseudo-gradient (``global - mean W`` or ``-mean delta``).
+
+    Args:
+        switch_round: the first round (0-based) of stage 2.
+        weighted: weight clients by training-set size.
+        server_optimizer: stage 1 (None: SGD with lr 1 and momentum 0.9).
+        reptile_server_optimizer: stage 2 (None: SGD with lr 1, i.e. Reptile with ε = 1).
+    """
+
+    def __init__(
+        self,
+        switch_round: int = 50,
+        weighted: bool = True,
+        server_optimizer: OptimizerCallable | None = None,
+        reptile_server_optimizer: OptimizerCallable | None = None,
+    ) -> None:
+        if switch_round < 0:
+            raise ValueError(f"`PersonalizedFedAvgServer(switch_round={switch_round})` must be >= 0.")
+        stage1 = server_optimizer if server_optimizer is not None else partial(torch.optim.SGD, lr=1.0, momentum=0.9)
+        super().__init__(weighted, stage1)
+        self.switch_round = switch_round
+        self.reptile_server_optimizer = (
+            reptile_server_optimizer if reptile_server_optimizer is not None else partial(torch.optim.SGD, lr=1.0)
+        )
+        self._optimizers: list[torch.optim.Optimizer] = []
+
+    @override
+    def _build_optimizer(self) -> None:
+        assert self.server_optimizer is not None
+        self._params = {
+            k: nn.Parameter(v, requires_grad=True) for k, v in self.global_state.items() if v.is_floating_point()
+        }
+        params = list(self._params.values())
+        self._optimizers = [self.server_optimizer(params), self.reptile_server_optimizer(params)]
+        self._optimizer = self._optimizers[0]
+
+    @override
+    def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
+        """Called at round end: the stage's optimizer applies the mean upload."""
+        self._optimizer = self._optimizers[0 if round_idx < self.switch_round else 1]
+        super().update(uploads, round_idx)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The global model and both optimizers' states."""
+        return {
+            "global_state": {k: v.detach().clone() for k, v in self.global_state.items()},
+            "optimizers": [o.state_dict() for o in self._optimizers],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Called on resume."""
+        device = next(iter(self.global_state.values())).device if self.global_state else "cpu"
+        self.global_state = {k: v.to(device) for k, v in state_dict["global_state"].items()}
+        self._build_optimizer()
+        for opt, saved in zip(self._optimizers, state_dict["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+
+
+# ---------------------------------------------------------------------------------------------- Reptile
+class Reptile(ClientModule):
+    """Reptile as an FL client: local SGD (or Adam with β1 = 0) from φ, upload Δ = W − φ.
+
+    The server (:class:`ReptileServer`) applies ``φ += ε · mean Δ`` (uniform by default), or gives
+    ``−mean Δ`` to a server optimizer. With ε = 1 and a uniform mean this is FedAvg with a uniform mean.
+    The local optimizer starts fresh each round (a stateless client), or, with
+    ``persist_optimizer_state``, continues from the client's own state of its last round.
+    Evaluation: ``finetune_steps`` (or ``finetune_epochs``) SGD steps on the train split.
+
+    BatchNorm: local training updates the local model's statistics, uploaded in Δ like the weights.
+
+    Args:
+        net: the network.
+        lr: local SGD learning rate.
+        momentum: local SGD momentum.
+        weight_decay: local weight decay.
+        local_epochs: local passes over the train split (k inner steps = the batches in them).
+        local_steps: exactly this many local steps k (overrides ``local_epochs``).
+        optimizer: a local optimizer other than SGD, e.g. ``torch.optim.Adam`` with ``betas: [0.0, 0.999]``.
+        epsilon: the outer step size ε.
+        weighted: server mean weighted by training-set size (False: uniform).
+        server_optimizer: optional server optimizer on ``−mean Δ`` (then leave ε at 1).
+        persist_optimizer_state: keep each client's local optimizer state between its rounds.
+        finetune_steps: SGD steps at evaluation.
+        finetune_epochs: passes over the train split at evaluation (used when ``finetune_steps`` is 0).
+        finetune_lr: fine-tuning learning rate (None: ``lr``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        epsilon: float = 1.0,
+        weighted: bool = False,
+        server_optimizer: OptimizerCallable | None = None,
+        persist_optimizer_state: bool = False,
+        finetune_steps: int = 10,
+        finetune_epochs: int = 0,
+        finetune_lr: float | None = None,
+    ) -> None:
+        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        name = type(self).__name__
+        if not epsilon > 0:
+            raise ValueError(f"`{name}(epsilon={epsilon})` must be > 0.")
+        if finetune_steps < 0 or finetune_epochs < 0:
+            raise ValueError(
+                f"`{name}(finetune_steps={finetune_steps}, finetune_epochs={finetune_epochs})` must be >= 0."
+            )
+        self.epsilon = epsilon
+        self.weighted = weighted
+        self.server_optimizer = server_optimizer
+        self.persist_optimizer_state = persist_optimizer_state
+        self.finetune_steps = finetune_steps
+        self.finetune_epochs = finetune_epochs
+        self.finetune_lr = finetune_lr
+        self._anchor: dict[str, Tensor] = {}
+        self._saved_optimizer: dict[str, Any] | None = None  # to restore at this round's first step
+        self._used_optimizer: torch.optim.Optimizer | None = None
+
+    @override
+    def configure_server(self) -> Server:
+        """φ += ε · mean Δ (or the server optimizer)."""
+        return ReptileServer(self.epsilon, self.weighted, self.server_optimizer)
+
+    @override
+    def receive(self, message: Message | None) -> None:
+        """Load φ and keep it to form Δ."""
+        super().receive(message)
+        self._anchor = float_state(self.net)
+
+    @override
+    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+        """The local optimizer state of the client's last round (with ``persist_optimizer_state``)."""
+        self._saved_optimizer = state.get("optimizer") if state is not None else None
+        self._used_optimizer = None
+
+    def persists(self) -> bool:
+        """Whether this round's local optimizer state is kept per client."""
+        return self.persist_optimizer_state
+
+    def select_optimizer(self, optimizers: Any) -> Any:
+        """The local optimizer of this round among those of ``configure_optimizers``."""
+        return optimizers[0] if isinstance(optimizers, list) else optimizers
+
+    @override
+    def local_optimizer_step(self, optimizer: Any) -> None:
+        """Step the local optimizer (restoring this client's saved state before its first step)."""
+        opt = self.select_optimizer(optimizer)
+        if self._used_optimizer is None and self.persists() and self._saved_optimizer is not None:
+            load_optimizer_state(_unwrap(opt), self._saved_optimizer)  # this run's lr, the saved moments
+        self._used_optimizer = _unwrap(opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @override
+    def client_state(self) -> dict[str, Any] | None:
+        """The local optimizer state, when it persists."""
+        if not self.persists() or self._used_optimizer is None:
+            return None if self._saved_optimizer is None else {"optimizer": self._saved_optimizer}
+        return {"optimizer": self._used_optimizer.state_dict()}
+
+    @override
+    def upload(self) -> Message | None:
+        """Δ = W − φ for every float state entry."""
+        assert self.context is not None
+        now = float_state(self.net)
+        delta = {n: now[n] - self._anchor[n] for n in now}
+        return Message("delta", delta, n_samples=self.context.data.num_samples("train"))
+
+    @override
+    def personalize(self) -> None:
+        """Fine-tune the received φ on the train split (float32)."""
+        with full_precision(_device_type(self.net)):
+            self.fine_tune(steps=self.finetune_steps, epochs=self.finetune_epochs, lr=self.finetune_lr)
+
+
+class PersonalizedFedAvg(Reptile):
+    """Personalized FedAvg (Jiang et al. 2019): FedAvg with server momentum, then Reptile, then fine-tuning.
+
+    Rounds before ``switch_round`` (stage 1): ``local_epochs`` of local SGD (``lr``), upload weights, the
+    server feeds ``global − mean W`` to SGD(``server_lr``, ``server_momentum``). From ``switch_round`` on
+    (stage 2): Reptile with ``reptile_epochs`` (or ``reptile_steps``) of ``reptile_optimizer`` (default
+    Adam(1e-3, β = (0, 0.999)) as in the FedLab reproduction), upload Δ, the server applies
+    ``reptile_server_optimizer`` (default SGD(lr=1): ε = 1). Evaluation (stage 3): ``finetune_epochs``
+    of SGD (``finetune_lr``) on the train split. Which side holds Adam in stage 2 is open in the
+    sources: both optimizers are configurable.
+
+    BatchNorm: local training updates the local model's statistics, uploaded like the weights.
+
+    Args:
+        net: the network.
+        lr: stage-1 local SGD learning rate.
+        local_epochs: stage-1 local epochs E.
+        local_steps: stage-1 local steps (overrides ``local_epochs``).
+        switch_round: the first round (0-based) of stage 2 (Reptile).
+        server_lr: stage-1 server SGD learning rate.
+        server_momentum: stage-1 server momentum.
+        weighted: server mean weighted by training-set size.
+        reptile_epochs: stage-2 local epochs.
+        reptile_steps: stage-2 local steps K (overrides ``reptile_epochs``).
+        reptile_optimizer: stage-2 local optimizer (None: Adam(lr 1e-3, betas (0, 0.999))).
+        reptile_server_optimizer: stage-2 server optimizer (None: SGD(lr 1)).
+        persist_optimizer_state: keep each client's stage-2 optimizer state between its rounds.
+        finetune_epochs: SGD epochs on the train split at evaluation.
+        finetune_lr: fine-tuning learning rate (None: ``lr``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.02,
+        local_epochs: int = 5,
+        local_steps: int | None = None,
+        switch_round: int = 50,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.9,
+        weighted: bool = True,
+        reptile_epochs: int = 1,
+        reptile_steps: int | None = None,
+        reptile_optimizer: OptimizerCallable | None = None,
+        reptile_server_optimizer: OptimizerCallable | None = None,
+        persist_optimizer_state: bool = False,
+        finetune_epochs: int = 5,
+        finetune_lr: float | None = None,
+    ) -> None:
+        super().__init__(
+            net,
+            lr=lr,
+            local_epochs=local_epochs,
+            local_steps=local_steps,
+            weighted=weighted,
+            persist_optimizer_state=persist_optimizer_state,
+            finetune_steps=0,
+            finetune_epochs=finetune_epochs,
+            finetune_lr=finetune_lr,
+        )
+        if switch_round < 0:
+            raise ValueError(f"`PersonalizedFedAvg(switch_round={switch_round})` must be >= 0.")
+        if server_lr <= 0:
+            raise ValueError(f"`PersonalizedFedAvg(server_lr={server_lr})` must be > 0.")
+        if reptile_epochs < 1 or (reptile_steps is not None and reptile_steps < 1):
+            raise ValueError(
+                f"`PersonalizedFedAvg(reptile_epochs={reptile_epochs}, reptile_steps={reptile_steps})` must be >= 1."
+            )
+        self.switch_round = switch_round
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.reptile_optimizer = reptile_optimizer
+        self.reptile_server_optimizer = reptile_server_optimizer
+        self.budgets = {1: (local_epochs, local_steps), 2: (reptile_epochs, reptile_steps)}
+
+    def stage(self) -> int:
+        """1 (FedAvg) before ``switch_round``, else 2 (Reptile)."""
+        round_idx = self.context.round_idx if self.context is not None else 0
+        return 1 if round_idx < self.switch_round else 2
+
+    @override
+    def configure_server(self) -> Server:
+        """Stage 1 momentum SGD, stage 2 the Reptile step."""
+        return PersonalizedFedAvgServer(
+            self.switch_round,
+            self.weighted,
+            partial(torch.optim.SGD, lr=self.server_lr, momentum=self.server_momentum),
+            self.reptile_server_optimizer,
+        )
+
+    @override
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Stage 1 SGD and stage 2 (Reptile) local optimizers."""
+        params = list(self.net.parameters())
+        reptile = (
+            self.reptile_optimizer(params)
+            if self.reptile_optimizer is not None
+            else torch.optim.Adam(params, lr=1e-3, betas=(0.0, 0.999))
+        )
+        return [torch.optim.SGD(params, lr=self.lr), reptile]
+
+    @override
+    def on_local_train_start(self) -> None:
+        """Set this round's local budget: stage 1 epochs E, stage 2 Reptile's K."""
+        self.local_epochs, self.local_steps = self.budgets[self.stage()]
+
+    @override
+    def persists(self) -> bool:
+        """Only the stage-2 (Reptile) optimizer state persists."""
+        return self.persist_optimizer_state and self.stage() == 2
+
+    @override
+    def select_optimizer(self, optimizers: Any) -> Any:
+        """The stage's optimizer."""
+        return optimizers[self.stage() - 1]
+
+    @override
+    def upload(self) -> Message | None:
+        """Stage 1 the weights, stage 2 Δ."""
+        if self.stage() == 1:
+            assert self.context is not None
+            return Message("weights", float_state(self.net), n_samples=self.context.data.num_samples("train"))
+        return super().upload()
+
+
+__all__ = ["PersonalizedFedAvg", "PersonalizedFedAvgServer", "Reptile", "ReptileServer", "reptile_update"]
