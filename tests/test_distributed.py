@@ -51,8 +51,10 @@ def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[
     [
         ("fedavg/digits.yaml", ["--model.clients_per_round", "5"]),
         ("local/digits.yaml", ["--model.clients_per_round", "5"]),
+        # server momentum in round 0, Reptile's optimizer from round 1: the reduction path with server state
+        ("pfedavg/digits.yaml", ["--model.clients_per_round", "5", "--model.client.init_args.switch_round", "1"]),
     ],
-    ids=["fedavg-sampled", "local-store"],
+    ids=["fedavg-sampled", "local-store", "pfedavg-server-optimizer"],
 )
 def test_two_processes_equal_one(tmp_path, config, extra):
     """Same seed => same metrics and models with 1 or 2 processes (up to float summation order)."""

@@ -20,7 +20,7 @@ from pflight.data.datamodule import FederatedDataModule
 from pflight.messages import Message
 from pflight.metrics import PersonalizedAccuracy, personalized_summary
 from pflight.prediction import PredictionTable, predict_clients
-from pflight.server import Server
+from pflight.server import Server, flatten_state, state_layout, unflatten_state
 from pflight.store import ClientStateStore
 from pflight.streams import Stream, stream_seed
 
@@ -189,7 +189,8 @@ class Federation(pl.LightningModule):
                     loss = client.training_step(batch)        # the algorithm
                     manual_backward(loss); client.local_optimizer_step(opt); client.on_local_step_end()
                 store[k] = client.client_state(); uploads[k] = client.upload()
-            server.update(uploads)
+            server.update(uploads)                             # several processes, linear server:
+                                                               #   all_reduce of per-process sums instead
         validation_step(all client ids):                       # every `eval_every` rounds
             ids = all, or a sample of `eval_clients`            # seeded by (seed, round); all in the last round
             per client in ids: personalize on its train split, evaluate on val (test for `pflight test`)
@@ -663,15 +664,19 @@ class Federation(pl.LightningModule):
         finally:
             self.client.logs = None
         local_s = time.perf_counter() - start
-        uploads = self.gather_uploads(uploads)
-        if not uploads and self.server.global_message() is not None:
-            rank_zero_warn(f"round {round_idx}: no client reported; the server keeps the previous model.")
         agg_start = time.perf_counter()
-        with torch.autocast(self.device.type, enabled=False):  # server math in full precision
-            self.server.update(uploads, round_idx)
+        if self.trainer.world_size > 1 and self.server.reducible:
+            reported = self.reduce_uploads(uploads, round_idx)
+        else:
+            uploads = self.gather_uploads(uploads)
+            reported = {k: dict(m.metrics) for k, m in uploads.items()}
+            if not uploads and self.server.global_message() is not None:
+                rank_zero_warn(f"round {round_idx}: no client reported; the server keeps the previous model.")
+            with torch.autocast(self.device.type, enabled=False):  # server math in full precision
+                self.server.update(uploads, round_idx)
         aggregate_s = time.perf_counter() - agg_start
         elapsed = time.perf_counter() - start
-        self.last_round_metrics = {k: dict(m.metrics) for k, m in uploads.items() if m.metrics}
+        self.last_round_metrics = {k: m for k, m in reported.items() if m}
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         stats = torch.tensor([float(loss_sum), float(len(losses))], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
@@ -681,7 +686,7 @@ class Federation(pl.LightningModule):
             "train/local_s": local_s,
             "train/aggregate_s": aggregate_s,
             "train/clients_per_s": len(active) / max(elapsed, 1e-9),
-            "train/clients_reported": float(len(uploads)),
+            "train/clients_reported": float(len(reported)),
             "round": float(round_idx + 1),
             **memory_stats(self.device),
         }
@@ -714,6 +719,41 @@ class Federation(pl.LightningModule):
             (name if name.startswith(f"{stage}/") else f"{stage}/{name}"): reduce_over_clients(clients, reduce_fx[name])
             for name, clients in sorted(per_client.items())
         }
+
+    def reduce_uploads(self, uploads: dict[int, Message], round_idx: int) -> dict[int, dict[str, float]]:
+        """Aggregate a reducible server's round without moving uploads: returns every reporting client's metrics.
+
+        One ``all_gather_object`` of small things (per client: sample count and metrics; per process: its
+        uploads' kind and layout), then each process sums its own uploads (:meth:`Server.partial_sum`), one
+        ``all_reduce`` of a flat buffer (float32, float64 if an entry is) adds the sums, and every process
+        applies the total (:meth:`Server.apply_sum`). Equal to :meth:`Server.update` on all the uploads up to
+        float summation order.
+        """
+        first = next(iter(uploads.values()), None)
+        layout = None if first is None else (first.kind, state_layout(first.tensors))
+        parts: list[Any] = [None] * self.trainer.world_size
+        clients = {k: (m.n_samples, dict(m.metrics)) for k, m in uploads.items()}
+        torch.distributed.all_gather_object(parts, (clients, layout))
+        reported = dict(sorted(item for clients, _ in parts for item in clients.items()))
+        layouts = [lay for _, lay in parts if lay is not None]
+        if not reported:  # every process knows it: none of them enters the all_reduce
+            if self.server.global_message() is not None:
+                rank_zero_warn(f"round {round_idx}: no client reported; the server keeps the previous model.")
+            return {}
+        if any(lay != layouts[0] for lay in layouts):
+            raise ValueError(
+                f"round {round_idx}: processes' uploads differ in kind or entries ({[lay[0] for lay in layouts]}):"
+                f" `{type(self.server).__name__}` aggregates by reduction only uploads of one kind and layout."
+            )
+        kind, entries = layouts[0]
+        dtype = torch.float64 if any(d == torch.float64 for _, _, d in entries) else torch.float32
+        with torch.autocast(self.device.type, enabled=False):  # server math in full precision
+            mine = self.server.partial_sum(uploads, {k: n for k, (n, _) in reported.items()}) if uploads else {}
+            flat = flatten_state(mine, entries, dtype, self.device)  # (total numel,)
+            del mine
+            torch.distributed.all_reduce(flat)
+            self.server.apply_sum(unflatten_state(flat, entries), kind, round_idx)
+        return {k: metrics for k, (_, metrics) in reported.items()}
 
     def gather_uploads(self, uploads: dict[int, Message]) -> dict[int, Message]:
         """Collect every process's uploads (identity in a single process), sorted by client id."""

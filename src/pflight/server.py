@@ -7,6 +7,7 @@ algorithms that personalize on the server side (FEDORA) send each client its own
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,21 +38,22 @@ def aggregation_weights(n_samples: Sequence[int], weighted: bool = True) -> Tens
     return n / n.sum()
 
 
-def weighted_average(
+def weighted_sum(
     states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | Tensor, block: int = 64
 ) -> dict[str, Tensor]:
-    """``sum_k w_k * state_k`` entry by entry (weights are used as given: normalize them first).
+    """``sum_k w_k * state_k`` entry by entry, in float32 at least (float64 entries stay float64).
 
     Each entry is stacked across clients in blocks of ``block`` clients (a block stays in cache, where one
-    stack of hundreds of clients would go through memory twice) and each block reduced in one product, in
-    float32 at least (float64 entries stay float64) with autocast off; returned in its own dtype.
+    stack of hundreds of clients would go through memory twice) and each block reduced in one product, with
+    autocast off. Sums of disjoint groups of clients add up to the sum of all of them (up to float summation
+    order), which is what lets processes aggregate by ``all_reduce``.
 
-    >>> a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
-    >>> weighted_average([a, b], [0.25, 0.75])["w"].tolist()
-    [2.5, 5.0]
+    >>> a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0], dtype=torch.bfloat16)}
+    >>> weighted_sum([a], [0.25])["w"] + weighted_sum([b], [0.75])["w"]
+    tensor([2.5000, 5.0000])
     """
     if len(states) == 0:
-        raise ValueError("`weighted_average` needs at least one state.")
+        raise ValueError("`weighted_sum` needs at least one state.")
     w = torch.as_tensor(weights, dtype=torch.float64)
     out = {}
     for name, ref in states[0].items():
@@ -63,7 +65,67 @@ def weighted_average(
                 stacked = torch.stack([s[name] for s in states[lo : lo + block]]).to(compute)  # (block, ...)
                 part = torch.tensordot(w_name[lo : lo + block], stacked, dims=1)
                 total = part if total is None else total.add_(part)
-        out[name] = total.to(ref.dtype)  # type: ignore[union-attr]
+        out[name] = total  # type: ignore[assignment]
+    return out
+
+
+def weighted_average(
+    states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | Tensor, block: int = 64
+) -> dict[str, Tensor]:
+    """``sum_k w_k * state_k`` entry by entry (weights are used as given: normalize them first).
+
+    Computed by :func:`weighted_sum`; each entry is returned in its own dtype.
+
+    >>> a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
+    >>> weighted_average([a, b], [0.25, 0.75])["w"].tolist()
+    [2.5, 5.0]
+    """
+    if len(states) == 0:
+        raise ValueError("`weighted_average` needs at least one state.")
+    return {name: total.to(states[0][name].dtype) for name, total in weighted_sum(states, weights, block).items()}
+
+
+Layout = list[tuple[str, tuple[int, ...], torch.dtype]]
+"""The entries of a state: ``(name, shape, dtype)`` in order."""
+
+
+def state_layout(state: Mapping[str, Tensor]) -> Layout:
+    """The ``(name, shape, dtype)`` of each entry of ``state``, in order.
+
+    >>> state_layout({"w": torch.zeros(2, 3), "n": torch.zeros((), dtype=torch.int64)})
+    [('w', (2, 3), torch.float32), ('n', (), torch.int64)]
+    """
+    return [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+
+
+def flatten_state(state: Mapping[str, Tensor], layout: Layout, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """One flat ``dtype`` buffer of ``state``'s entries in ``layout``'s order (zeros when ``state`` is empty).
+
+    >>> layout = [("a", (2,), torch.float32), ("b", (), torch.float32)]
+    >>> flatten_state({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)}, layout, torch.float64, "cpu")
+    tensor([1., 2., 3.], dtype=torch.float64)
+    >>> flatten_state({}, layout, torch.float32, "cpu")
+    tensor([0., 0., 0.])
+    """
+    if not state:
+        return torch.zeros(sum(math.prod(shape) for _, shape, _ in layout), dtype=dtype, device=device)
+    return torch.cat([state[name].reshape(-1).to(device, dtype) for name, _, _ in layout])  # (total numel,)
+
+
+def unflatten_state(flat: Tensor, layout: Layout) -> dict[str, Tensor]:
+    """The inverse of :func:`flatten_state`: each entry back in its shape and dtype.
+
+    >>> layout = [("a", (2,), torch.float32), ("n", (), torch.int64)]
+    >>> unflatten_state(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), layout)
+    {'a': tensor([1., 2.]), 'n': tensor(3)}
+    """
+    out, offset = {}, 0
+    for name, shape, dtype in layout:
+        size = math.prod(shape)
+        out[name] = flat[offset : offset + size].reshape(shape).to(dtype)
+        offset += size
+    if offset != flat.numel():
+        raise ValueError(f"`unflatten_state` got a buffer of {flat.numel()} values for a layout of {offset}.")
     return out
 
 
@@ -108,6 +170,28 @@ class Server:
 
     def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
         """Called at the end of a round with ``client_id -> upload`` of the clients that reported."""
+
+    @property
+    def reducible(self) -> bool:
+        """Whether the update is linear in the uploads, so processes may aggregate by ``all_reduce``.
+
+        When True, a federation of several processes calls :meth:`partial_sum` on each process with its
+        own uploads, adds the results over processes and calls :meth:`apply_sum`, instead of gathering every
+        upload to every process for :meth:`update`.
+        """
+        return False
+
+    def partial_sum(self, uploads: Mapping[int, Message], n_samples: Mapping[int, int]) -> dict[str, Tensor]:
+        """Called on each process of a reducible server with its own uploads: its share of the aggregate.
+
+        ``n_samples`` holds the sample count of every client that reported, on any process. The shares of all
+        processes, added entry by entry, are given to :meth:`apply_sum`.
+        """
+        raise NotImplementedError(f"`{type(self).__name__}` is not reducible: it aggregates in `update`.")
+
+    def apply_sum(self, total: Mapping[str, Tensor], kind: str, round_idx: int) -> None:
+        """Called at round end with the sum over processes of :meth:`partial_sum` (uploads of ``kind``)."""
+        raise NotImplementedError(f"`{type(self).__name__}` is not reducible: it aggregates in `update`.")
 
     def state_dict(self) -> dict[str, Any]:
         """The server state (checkpointed with the federation)."""
@@ -167,18 +251,48 @@ class FedAvgServer(Server):
         """Called at evaluation: the global model."""
         return Message("weights", self.global_state)
 
+    @staticmethod
+    def _kind(msgs: Iterable[Message]) -> str:
+        kinds = {m.kind for m in msgs}
+        if len(kinds) != 1 or not kinds <= {"weights", "delta", "gradient"}:
+            raise ValueError(f"`FedAvgServer` aggregates weights, delta or gradient uploads, got kinds {kinds}.")
+        return kinds.pop()
+
     def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
         """Called at round end: average and apply."""
         if not uploads:
             return
         msgs = list(uploads.values())
-        kinds = {m.kind for m in msgs}
-        if len(kinds) != 1 or not kinds <= {"weights", "delta", "gradient"}:
-            raise ValueError(f"`FedAvgServer` aggregates weights, delta or gradient uploads, got kinds {kinds}.")
-        kind = kinds.pop()
+        kind = self._kind(msgs)
         w = aggregation_weights([m.n_samples for m in msgs], self.weighted)
         mean = weighted_average([m.tensors for m in msgs], w)
         self.apply(mean, kind)
+
+    @property
+    def reducible(self) -> bool:
+        """The mean is linear in the uploads (a subclass whose ``update`` looks at each upload must say False)."""
+        return True
+
+    def partial_sum(self, uploads: Mapping[int, Message], n_samples: Mapping[int, int]) -> dict[str, Tensor]:
+        """Called per process: ``sum_k w_k * upload_k`` over its own uploads, ``w`` normalized over ``n_samples``.
+
+        The weights are those of :meth:`update` on all the uploads (``n_k / sum(n)`` is exact in float64
+        whatever the order of the sum), so the processes' shares add up to its mean.
+        """
+        msgs = list(uploads.values())
+        self._kind(msgs)
+        ids = list(n_samples)
+        w = dict(zip(ids, aggregation_weights([n_samples[k] for k in ids], self.weighted).tolist(), strict=True))
+        return weighted_sum([m.tensors for m in msgs], [w[k] for k in uploads])
+
+    def apply_sum(self, total: Mapping[str, Tensor], kind: str, round_idx: int) -> None:
+        """Called at round end with the mean over all processes: applied as ``update`` applies a mean.
+
+        It goes through :meth:`update` as the one upload of the round (the mean of one upload with weight 1 is
+        that upload, exactly), so subclasses that prepare the round there (the stage of
+        ``PersonalizedFedAvgServer``) do so in a multi-process run too.
+        """
+        self.update({-1: Message(kind, dict(total), n_samples=1)}, round_idx)
 
     def apply(self, mean: Mapping[str, Tensor], kind: str) -> None:
         """Move the global model given the averaged upload ``mean`` of ``kind``."""

@@ -1,0 +1,99 @@
+"""Aggregation by reduction: per-process `partial_sum`s, added and given to `apply_sum`, equal `update`."""
+
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pflight.algorithms.maml import FedMetaServer
+from pflight.algorithms.reptile import PersonalizedFedAvgServer, ReptileServer
+from pflight.messages import Message
+from pflight.server import FedAvgServer, Server, flatten_state, state_layout, unflatten_state
+
+# processes' shares of the clients 0..5 (an empty one: a process whose clients all dropped out)
+SPLITS = [[0, 2, 4], [1, 3], [5], []]
+
+
+def initial_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(4, 3, generator=g),
+        "b": torch.randn(3, generator=g),
+        "stat": torch.randn(3, generator=g, dtype=torch.float64),
+    }
+
+
+def make_uploads(kind: str, n_samples: list[int], seed: int) -> dict[int, Message]:
+    g = torch.Generator().manual_seed(seed)
+    ref = initial_state()
+    return {
+        k: Message(kind, {name: torch.randn(v.shape, generator=g, dtype=v.dtype) for name, v in ref.items()}, n)
+        for k, n in enumerate(n_samples)
+    }
+
+
+def reduce(server: Server, uploads: dict[int, Message], round_idx: int) -> None:
+    """What the federation does with several processes, every process's share computed here in turn."""
+    n_samples = {k: m.n_samples for k, m in uploads.items()}
+    layout = state_layout(next(iter(uploads.values())).tensors)
+    dtype = torch.float64 if any(d == torch.float64 for _, _, d in layout) else torch.float32
+    total = torch.zeros(sum(v.numel() for v in uploads[0].tensors.values()), dtype=dtype)
+    for split in SPLITS:
+        mine = {k: uploads[k] for k in split}
+        share = server.partial_sum(mine, n_samples) if mine else {}
+        total += flatten_state(share, layout, dtype, torch.device("cpu"))  # the all_reduce
+    server.apply_sum(unflatten_state(total, layout), uploads[0].kind, round_idx)
+
+
+CASES = {
+    "weighted": (lambda: FedAvgServer(weighted=True), "weights", [10, 30, 5, 1, 7, 20]),
+    "uniform": (lambda: FedAvgServer(weighted=False), "weights", [10, 30, 5, 1, 7, 20]),
+    "no-samples": (lambda: FedAvgServer(weighted=True), "weights", [0] * 6),
+    "delta": (lambda: FedAvgServer(weighted=True), "delta", [10, 30, 5, 1, 7, 20]),
+    "sgd-momentum": (
+        lambda: FedAvgServer(server_optimizer=partial(torch.optim.SGD, lr=1.0, momentum=0.9)),
+        "weights",
+        [10, 30, 5, 1, 7, 20],
+    ),
+    "adam-gradient": (
+        lambda: FedAvgServer(weighted=False, server_optimizer=partial(torch.optim.Adam, lr=0.1)),
+        "gradient",
+        [10, 30, 5, 1, 7, 20],
+    ),
+    "reptile": (lambda: ReptileServer(epsilon=0.5), "delta", [10, 30, 5, 1, 7, 20]),
+    "fedmeta": (lambda: FedMetaServer(meta_lr=0.1), "gradient", [10, 30, 5, 1, 7, 20]),
+    "personalized-fedavg": (lambda: PersonalizedFedAvgServer(switch_round=1), "delta", [10, 30, 5, 1, 7, 20]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_reduction_equals_update(case):
+    """Three rounds aggregated by reduction give the global model `update` gives (to 1e-6)."""
+    make_server, kind, n_samples = CASES[case]
+    federation = SimpleNamespace(client=SimpleNamespace(initial_state=initial_state))
+    gathered, reduced = make_server(), make_server()
+    gathered.setup(federation)
+    reduced.setup(federation)
+    assert reduced.reducible
+    for round_idx in range(3):
+        uploads = make_uploads(kind, n_samples, seed=round_idx + 1)
+        gathered.update(uploads, round_idx)
+        reduce(reduced, uploads, round_idx)
+        for name, value in gathered.global_state.items():
+            assert reduced.global_state[name].dtype == value.dtype, name
+            torch.testing.assert_close(reduced.global_state[name], value, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_base_server_is_not_reducible():
+    """A server that needs every client's upload (the default) keeps the gather path."""
+    assert not Server().reducible
+    with pytest.raises(NotImplementedError, match="not reducible"):
+        Server().partial_sum({}, {})
+
+
+def test_partial_sum_rejects_mixed_kinds():
+    """Mixed upload kinds are refused by the reduction as by `update`."""
+    uploads = {0: make_uploads("weights", [1], 0)[0], 1: make_uploads("delta", [1], 0)[0]}
+    with pytest.raises(ValueError, match="got kinds"):
+        FedAvgServer().partial_sum(uploads, {0: 1, 1: 1})
