@@ -21,6 +21,7 @@ import pytest
 import torch
 import wandb
 
+from pflight.cli import main
 from pflight.wandb_io import read_new_records, read_run
 from pflight.wandb_resume import AXIS, WANDB_KEY, RoundWandbLogger, decode_value, encode_value, resume_wandb_args
 
@@ -223,3 +224,14 @@ def test_reader_stops_at_the_last_complete_record(tmp_path):
 def test_logger_rejects_unknown_mode():
     with pytest.raises(ValueError, match=r"RoundWandbLogger\(mode='best'\)"):
         RoundWandbLogger(mode="best")
+
+
+def test_test_subcommand_is_a_run_of_its_own(tmp_path, monkeypatch, recwarn):
+    """`pflight test --ckpt_path` loads the checkpoint without trying to continue the fit's W&B run."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", "quickstart", "--data.num_clients", "6", "--model.clients_per_round", "3"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    wandb.finish()
+    main(["test", *args, "--ckpt_path", "last"])
+    wandb.finish()
+    assert not [w for w in recwarn if "checkpoint's W&B run" in str(w.message)]

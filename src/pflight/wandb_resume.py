@@ -29,6 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
@@ -329,7 +330,12 @@ class WandbResume(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Called when fit resumes from a checkpoint: the logger takes the run's rows and best value back."""
+        """Called when fit resumes from a checkpoint: the logger takes the run's rows and best value back.
+
+        (``test`` and ``predict`` load checkpoints too: their runs are runs of their own.)
+        """
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
         logger = self._logger(trainer)
         state = checkpoint.get(WANDB_KEY)
         if isinstance(logger, RoundWandbLogger) and state:
