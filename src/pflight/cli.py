@@ -8,6 +8,7 @@ per-client W&B reports and federation checkpoints (``--checkpoint.*``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -120,15 +121,20 @@ _RESUME_FREE = (
 class _ConfigToLoggers(SaveConfigCallback):
     """Sends the config to every logger as hyperparameters and keeps it in every checkpoint."""
 
+    @functools.cached_property
+    def plain(self) -> dict[str, Any]:
+        """The run's configuration as plain YAML-safe values (converted once: it does not change in a run)."""
+        return plain_config(self.config.as_dict())
+
     @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
-            logger.log_hyperparams(plain_config(self.config.as_dict()))
+            logger.log_hyperparams(self.plain)
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Called when a checkpoint is written: the run's configuration goes with it (compared on resume)."""
-        checkpoint[CONFIG_KEY] = plain_config(self.config.as_dict())
+        checkpoint[CONFIG_KEY] = self.plain
 
 
 _DEFAULT_CALLBACKS = [
@@ -153,6 +159,8 @@ class PflightCLI(LightningCLI):
     progress bar (``TQDMProgressBar``, ``RichProgressBar``) replaces the round bar;
     ``--trainer.enable_checkpointing false`` drops the federation checkpoints (``--checkpoint.*``).
     """
+
+    _checkpoint: dict[str, Any] | None = None  # the checkpoint of `--ckpt_path`, read once
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         trainer_defaults = {
@@ -218,9 +226,9 @@ class PflightCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         configure_threads(config.get("threads", "auto"))
         self._check_strategy(config["trainer"].get("strategy"))
-        if self.subcommand != "fit" or config.get("ckpt_path") in (None, "hpc"):
+        checkpoint, self._checkpoint = self._checkpoint, None  # read by _check_ckpt; not kept (its tensors)
+        if self.subcommand != "fit" or checkpoint is None:
             return
-        checkpoint = check_checkpoint(config["ckpt_path"])  # resolved by _check_ckpt
         loggers = config["trainer"].get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if not isinstance(logger, Namespace) or "class_path" not in logger:
@@ -299,7 +307,7 @@ class PflightCLI(LightningCLI):
                     f"`--ckpt_path {ckpt_path}` does not exist: pass the path of a checkpoint written by"
                     " `pflight fit` (e.g. <run folder>/checkpoints/last.ckpt), `last` or `best`."
                 )
-        ckpt = check_checkpoint(path)
+        ckpt = self._checkpoint = check_checkpoint(path)
         rounds = ckpt[CHECKPOINT_KEY].get("rounds_completed", ckpt.get("epoch", -1) + 1)
         verb = "resuming after" if self.subcommand == "fit" else "loading"
         _say(f"{verb} round {rounds} from {path}")
