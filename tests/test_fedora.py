@@ -29,7 +29,7 @@ from pflight.algorithms.fedora import (
 )
 from pflight.callbacks import FederationCheckpoint
 from pflight.callbacks.fedora_report import FedoraReport
-from pflight.client import ClientContext, float_state
+from pflight.client import ClientContext, float_state, load_float_state
 from pflight.data import FederatedDataModule, RotationPartitioner
 from pflight.data.datamodule import ClientData
 from pflight.data.datasets import Digits
@@ -179,11 +179,12 @@ def test_pull_equals_lr_lambda_times_previous_minus_received() -> None:
     oracle_opt = torch.optim.SGD(oracle_net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
     batches = list(client.context.batches("train", epochs=2))
     for i, (x, y) in enumerate(batches):
-        previous = float_state(oracle_net)
+        previous, before = float_state(oracle_net), float_state(client.net)
         loss = client.training_step((x, y), i)
         loss.backward()
         client.local_optimizer_step(opt)
-        client.on_local_step_end()
+        stepped = {n: t.detach() for n, t in client.params().items()}
+        load_float_state(client.net, client.after_local_step(stepped, before, client.round_state))
         F.cross_entropy(oracle_net(x), y).backward()
         oracle_opt.step()
         oracle_opt.zero_grad()

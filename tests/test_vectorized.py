@@ -19,7 +19,7 @@ from pflight.client import ClientModule, float_state
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.data.datamodule import ClientData
 from pflight.models import CNN, MLP
-from pflight.vectorized import VectorizedAlgorithm, plan_batches, register, sgd_update_
+from pflight.vectorized import plan_batches, sgd_update_
 from tests.conftest import run_federation
 
 BATCH = 32
@@ -89,6 +89,7 @@ ALGORITHMS = {
         local_steps=7,
         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.5, nesterov=True),
     ),
+    "fedavg-adam": lambda n: FedAvg(n, optimizer=partial(torch.optim.Adam, lr=1e-2, weight_decay=1e-4)),
     "fedavgft": lambda n: FedAvgFT(n, lr=0.1),
     "fedprox": lambda n: FedProx(n, lr=0.1, mu=0.5),
     "local-only": lambda n: LocalOnly(n, lr=0.1),
@@ -163,21 +164,27 @@ def test_batchnorm_falls_back_to_sequential() -> None:
         assert torch.equal(vec.server.global_state[name], value), name
 
 
-class _Unregistered(FedAvg):
-    """A FedAvg subclass: it may override anything, so it is not served until registered."""
+class _OwnStep(FedAvg):
+    """A FedAvg subclass with a training_step of its own: per-step code the executor cannot vmap."""
+
+    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx)
+
+
+class _LayerwiseSGD(torch.optim.SGD):
+    """SGD whose step a layer-wise norm would scale (as LARS): not known to be elementwise."""
 
 
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (lambda n: _Unregistered(n), "has no vectorized implementation"),
-        (lambda n: MetaSGD(n), "has no vectorized implementation"),
-        (lambda n: PersonalizedFedAvg(n), "has no vectorized implementation"),
+        (lambda n: _OwnStep(n), "`_OwnStep.training_step` is per-step code of its own"),
+        (lambda n: PersonalizedFedAvg(n), "2 local optimizers"),
         (lambda n: Reptile(n, persist_optimizer_state=True), "persist_optimizer_state"),
-        (lambda n: FedAvg(n, optimizer=partial(torch.optim.Adam, lr=1e-3)), "Adam"),
+        (lambda n: FedAvg(n, optimizer=partial(_LayerwiseSGD, lr=1e-3)), "_LayerwiseSGD is not known to update"),
         (lambda n: FedAvg(nn.Sequential(n, nn.Dropout(0.1))), "dropout"),
     ],
-    ids=["subclass", "metasgd", "personalized-fedavg", "reptile-persistent", "adam", "dropout"],
+    ids=["own-training-step", "personalized-fedavg", "reptile-persistent", "layerwise-optimizer", "dropout"],
 )
 def test_unsupported_clients_fall_back_with_a_reason(make: Callable[[nn.Module], ClientModule], reason: str) -> None:
     """Clients the executor cannot serve are trained sequentially; the logged reason names the cause."""
@@ -187,14 +194,13 @@ def test_unsupported_clients_fall_back_with_a_reason(make: Callable[[nn.Module],
     assert reason in vec._fallback_reason
 
 
-def test_registered_subclass_is_vectorized() -> None:
-    """`register` serves a client class with an existing algorithm (here FedAvg's)."""
+def test_a_subclass_is_vectorized_without_registration() -> None:
+    """A client class of the user's own whose step is ``loss`` runs vectorized: no executor line, no registry."""
 
-    class Registered(FedAvg):
+    class Mine(FedAvg):
         pass
 
-    register(Registered, VectorizedAlgorithm())
-    seq, vec = run_both(lambda n: Registered(n, lr=0.1), rounds=1)
+    seq, vec = run_both(lambda n: Mine(n, lr=0.1), rounds=1)
     assert vec._fallback_reason is None
     assert_same_tensors(seq.server.global_state, vec.server.global_state)
 
@@ -330,14 +336,13 @@ def test_fused_step_serves_plain_sgd_on_an_mlp(name: str, fused: bool, monkeypat
 
 
 def test_fused_and_generic_steps_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """FedAvg with the fused step and with vmap + autograd (``VectorizedAlgorithm(fused=False)``) agree."""
+    """FedAvg with the fused step and with vmap + autograd (``vectorized.FUSED = False``) agree."""
     from pflight import vectorized
 
-    vectorized._builtin()
     fused = run_federation(
         FedAvg(small_net(), lr=0.1), ragged_data(), 2, federation_kwargs={"executor": "vectorized"}, limit_val_batches=0
     )
-    monkeypatch.setitem(vectorized._REGISTRY, FedAvg, VectorizedAlgorithm(fused=False))
+    monkeypatch.setattr(vectorized, "FUSED", False)
     generic = run_federation(
         FedAvg(small_net(), lr=0.1), ragged_data(), 2, federation_kwargs={"executor": "vectorized"}, limit_val_batches=0
     )

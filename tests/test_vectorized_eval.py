@@ -20,7 +20,6 @@ from pflight.algorithms.maml import MAML
 from pflight.client import ClientContext, ClientModule, FineTune
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.models import MLP
-from pflight.vectorized import VectorizedAlgorithm, register
 from tests.conftest import run_federation
 
 BATCH = 32
@@ -119,8 +118,7 @@ def test_fused_and_generic_fine_tuning_agree(monkeypatch: pytest.MonkeyPatch) ->
     """Fine-tuning by the fused MLP step and by vmap + autograd (``fused=False``) both equal sequential."""
     from pflight import vectorized
 
-    vectorized._builtin()
-    monkeypatch.setitem(vectorized._REGISTRY, FedAvgFT, VectorizedAlgorithm(fused=False))
+    monkeypatch.setattr(vectorized, "FUSED", False)
     calls: list[int] = []
     real = vectorized.fused_sgd_step_
     monkeypatch.setattr(vectorized, "fused_sgd_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -181,28 +179,16 @@ class PlannedFedAvg(FedAvg):
 
 def test_overridden_personalize_stays_sequential_and_logs() -> None:
     """A client class that overrides ``personalize`` (here to log) is evaluated client by client; its log works."""
-    register(LoggingFedAvgFT, VectorizedAlgorithm())
-    try:
-        vec = run(lambda n: LoggingFedAvgFT(n, lr=0.1, finetune_steps=3), "vectorized", rounds=1)
-    finally:
-        from pflight import vectorized
-
-        vectorized._REGISTRY.pop(LoggingFedAvgFT)
+    vec = run(lambda n: LoggingFedAvgFT(n, lr=0.1, finetune_steps=3), "vectorized", rounds=1)
     assert vec.last_eval_executor == "sequential"
     assert vec.history[-1]["val/personalized"] == 1.0
 
 
 def test_personalization_plan_is_vectorized() -> None:
-    """A registered client class that states its fine-tuning with ``personalization_plan`` is personalized
-    vectorized, equal to its sequential run (which runs the plan through ``fine_tune``)."""
-    register(PlannedFedAvg, VectorizedAlgorithm())
-    try:
-        seq = run(lambda n: PlannedFedAvg(n, lr=0.1), "sequential")
-        vec = run(lambda n: PlannedFedAvg(n, lr=0.1), "vectorized", vectorized_chunk=5)
-    finally:
-        from pflight import vectorized
-
-        vectorized._REGISTRY.pop(PlannedFedAvg)
+    """A client class of its own that states its fine-tuning with ``personalization_plan`` is personalized
+    vectorized, with no registration, equal to its sequential run (which runs the plan through ``fine_tune``)."""
+    seq = run(lambda n: PlannedFedAvg(n, lr=0.1), "sequential")
+    vec = run(lambda n: PlannedFedAvg(n, lr=0.1), "vectorized", vectorized_chunk=5)
     assert vec.last_eval_executor == "vectorized"
     assert_same_evaluation(seq, vec)
     plain = run(lambda n: FedAvg(n, lr=0.1), "sequential")

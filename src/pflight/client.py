@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
@@ -46,6 +47,78 @@ def load_float_state(module: nn.Module, state: Mapping[str, Tensor]) -> None:
                 " checkpoint was made for another architecture."
             )
         own[name].copy_(value)
+
+
+class Batch(NamedTuple):
+    """A local batch as :meth:`ClientModule.loss` sees it.
+
+    Attributes:
+        x: the inputs ``(B, ...)``.
+        y: the labels ``(B,)``.
+        weight: each sample's weight in the batch mean ``(B,)`` (summing to 1, 0 on padding), or None for the
+            plain mean. The vectorized executor pads ragged batches and sets it; the sequential one leaves it None.
+    """
+
+    x: Tensor
+    y: Tensor
+    weight: Tensor | None = None
+
+
+def as_batch(batch: Any) -> Any:
+    """What a local step receives, as :class:`Batch` es: ``(x, y)`` becomes ``Batch(x, y)``; tuples of them a tuple.
+
+    >>> b = as_batch((torch.zeros(2, 3), torch.ones(2)))
+    >>> type(b).__name__, b.weight is None
+    ('Batch', True)
+    >>> [type(e).__name__ for e in as_batch(((torch.zeros(1), torch.ones(1)), (torch.zeros(1), torch.ones(1))))]
+    ['Batch', 'Batch']
+    """
+    if isinstance(batch, Batch):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
+        return Batch(batch[0], batch[1])
+    if isinstance(batch, (tuple, list)):
+        return tuple(as_batch(b) for b in batch)
+    return batch
+
+
+def batch_mean(values: Tensor, batch: Batch) -> Tensor:
+    """The mean of per-sample ``values`` over the batch's real samples (weighted when the batch has weights).
+
+    >>> v = torch.tensor([1.0, 2.0, 6.0])
+    >>> batch_mean(v, Batch(v, v)).item(), batch_mean(v, Batch(v, v, torch.tensor([0.5, 0.5, 0.0]))).item()
+    (3.0, 1.5)
+    """
+    return values.mean() if batch.weight is None else (values * batch.weight).sum()
+
+
+def cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
+    """The batch's mean cross-entropy (``F.cross_entropy`` when the batch has no weights).
+
+    >>> logits, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    >>> torch.equal(cross_entropy(logits, Batch(None, y)), F.cross_entropy(logits, y))
+    True
+    >>> w = torch.tensor([0.5, 0.5, 0.0])
+    >>> torch.allclose(cross_entropy(logits, Batch(None, y, w)), F.cross_entropy(logits[:2], y[:2]))
+    True
+    """
+    if batch.weight is None:
+        return F.cross_entropy(logits, batch.y)
+    return (F.cross_entropy(logits, batch.y, reduction="none") * batch.weight).sum()
+
+
+def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu: float) -> Tensor:
+    """``(mu / 2) * ||theta - theta_anchor||^2`` summed over the anchor's tensors (FedProx, Ditto, pFedMe).
+
+    >>> proximal_term({"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([0.0, 1.0])}, mu=0.5).item()
+    1.25
+    """
+    total = sum(((params[name] - a) ** 2).sum() for name, a in anchor.items())
+    return 0.5 * mu * total  # type: ignore[return-value]
+
+
+class _Live(dict):
+    """The network's own tensors by name (:meth:`ClientModule.params`): the forward is the network's own call."""
 
 
 @dataclass
@@ -159,14 +232,24 @@ class ClientLogs:
 class ClientModule(pl.LightningModule):
     """Base class of federated clients; as is, it is a FedAvg client (CE, upload weights).
 
-    Local training, run by the federation for each sampled client::
+    An algorithm is written once, as hooks and pure functions of explicit inputs, and every executor runs
+    it: ``sequential`` (one client after another, through Lightning's backward, optimizer and precision) and
+    ``vectorized`` (a round's clients stacked, the same functions under ``torch.func.vmap``). Per client::
 
-        receive(server message); load_client_state(store[k]); on_local_train_start()
+        round_state = {}; receive(server message); load_client_state(store[k]); on_local_train_start()
         for batch_idx, batch in local batches (local_epochs passes, or local_steps batches):
-            loss = training_step(batch, batch_idx)        # the algorithm
-            manual_backward(loss); local_optimizer_step(opt)  # Lightning precision and devices
-            on_local_step_end()
+            loss = training_step(batch, batch_idx)   # = loss(params(), batch, round_state) unless overridden
+            backward; local optimizer step           # Lightning's manual_backward and optimizer (sequential)
+            params <- after_local_step(params, params before the step, round_state)   # when overridden
         on_local_train_end(); store[k] = client_state(); upload()
+
+    The pieces the vectorized executor vmaps are pure functions of their arguments:
+    :meth:`loss` ``(params, batch, state)`` (the local objective of one client on one batch) and
+    :meth:`after_local_step`. What a client computes before training and reads during or after it (an
+    anchor, a coefficient, a metric) goes in :attr:`round_state`: the vectorized executor stacks its tensors
+    for the steps and gives each client its own back for ``on_local_train_end``, ``client_state`` and
+    ``upload``, with the network holding that client's weights. A class that overrides ``training_step``,
+    ``local_optimizer_step`` or ``on_local_step_end`` runs sequentially (:meth:`vectorized_reason` says why).
 
     Evaluation: ``receive``, ``load_client_state``, :meth:`personalize` (train split only), then
     :meth:`evaluate` on the val or test split.
@@ -179,8 +262,15 @@ class ClientModule(pl.LightningModule):
         local_epochs: passes over the local training split per round.
         local_steps: if set, exactly this many local batches per round (overrides local_epochs).
         optimizer: a local optimizer other than SGD, e.g. ``torch.optim.Adam`` with its arguments.
+
+    Attributes:
+        round_state: the current client's per-round inputs of :meth:`loss` and :meth:`after_local_step` (a
+            dict of tensors, or dicts of tensors); emptied before each client's ``receive``.
+        proximal_mu: the coefficient of :meth:`loss`'s proximal term ``(mu/2)||theta - round_state["anchor"]||^2``
+            (0: none). FedProx and Ditto set it; the vectorized executor's fused MLP kernel computes it too.
     """
 
+    proximal_mu: float = 0.0
     batches_per_step: int = 1  # e.g. 3 for Per-FedAvg's independent batches D, D', D''
 
     def __init__(
@@ -210,6 +300,7 @@ class ClientModule(pl.LightningModule):
         self.context: ClientContext | None = None
         self._initial: dict[str, Tensor] = {}
         self.logs: ClientLogs | None = None  # set by the federation while it runs the clients
+        self.round_state: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ logging
     @override
@@ -284,11 +375,66 @@ class ClientModule(pl.LightningModule):
     def on_local_train_start(self) -> None:
         """Called when a client's local training starts (after receive and load_client_state)."""
 
+    def params(self) -> dict[str, Tensor]:
+        """The network's floating-point tensors by state-dict name (parameters and float buffers), live."""
+        return _Live((n, t) for n, t in self.net.state_dict(keep_vars=True).items() if t.is_floating_point())
+
+    def net_forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """The network's logits at weights ``params`` (any subset of :meth:`params`' names; the rest: the network's)."""
+        if isinstance(params, _Live):
+            return self.net(x)
+        return functional_call(self.net, dict(params), (x,))
+
+    def loss(self, params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> Tensor | dict[str, Tensor]:
+        """The local objective of one client on one batch, a pure function of its arguments.
+
+        Args:
+            params: the client's weights by name (:meth:`params`; the vectorized executor passes one client's
+                slice of the stacked weights).
+            batch: a :class:`Batch` (a tuple of them when a step takes ``batches_per_step`` > 1 batches); average
+                per-sample terms with :func:`batch_mean` / :func:`cross_entropy`, which honour padding.
+            state: the client's :attr:`round_state`.
+
+        Returns:
+            The loss to minimize, or a dict with ``loss`` and scalar metrics logged as ``train/<name>``.
+        """
+        loss = cross_entropy(self.net_forward(params, batch.x), batch)
+        anchor = state.get("anchor")
+        if self.proximal_mu > 0 and anchor is not None:
+            loss = loss + proximal_term(params, anchor, self.proximal_mu).to(loss.dtype)
+        return loss
+
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | dict[str, Tensor]:
-        """One local step: return the loss to minimize (or a dict with ``loss``)."""
-        x, y = batch
-        return F.cross_entropy(self(x), y)
+        """One local step: :meth:`loss` at the network's own weights (override ``loss``, not this)."""
+        return self.loss(self.params(), as_batch(batch), self.round_state)
+
+    def after_local_step(
+        self, params: Mapping[str, Tensor], before: Mapping[str, Tensor], state: Mapping[str, Any]
+    ) -> Mapping[str, Tensor]:
+        """A pure correction after each local optimizer step (FEDORA's pull); run only when overridden.
+
+        Returns the new weights from the stepped ``params``, the weights ``before`` the step and ``state``.
+        """
+        return params
+
+    def vectorized_reason(self) -> str | None:
+        """Why this client's local training cannot run vectorized (None: it can).
+
+        It can when its step is :meth:`loss` (and :meth:`after_local_step`): a class that overrides
+        ``training_step``, ``local_optimizer_step`` or ``on_local_step_end`` has per-step code of its own.
+        Override to refuse for a reason of the algorithm's own (and call ``super()``).
+        """
+        cls = type(self)
+        for hook in ("training_step", "local_optimizer_step", "on_local_step_end"):
+            if getattr(cls, hook) is not getattr(ClientModule, hook):
+                return (
+                    f"`{cls.__name__}.{hook}` is per-step code of its own, run client by client (write the local"
+                    " objective as `loss(params, batch, state)` and a post-step correction as `after_local_step`)"
+                )
+        if cls.on_before_optimizer_step is not pl.LightningModule.on_before_optimizer_step:
+            return f"`{cls.__name__}.on_before_optimizer_step` runs between backward and step, client by client"
+        return None
 
     def local_optimizer_step(self, optimizer: Any) -> None:
         """Called after the loss's backward: step and zero the local optimizer(s).

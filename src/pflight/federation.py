@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pflight.client import ClientContext, ClientLogs, ClientModule, reduce_over_clients
+from pflight.client import ClientContext, ClientLogs, ClientModule, float_state, load_float_state, reduce_over_clients
 from pflight.data.datamodule import FederatedDataModule
 from pflight.messages import Message
 from pflight.metrics import PersonalizedAccuracy, personalized_summary
@@ -542,15 +542,18 @@ class Federation(pl.LightningModule):
         client = self.client
         ctx = self.context(client_id, round_idx, "train", Stream.TRAIN)
         client.context = ctx
+        client.round_state = {}
         client.receive(self.server.message_for(client_id))
         client.load_client_state(self.store.get(client_id, self.device))
         client.zero_grad(set_to_none=True)
         opts = self._reset_optimizers()
+        post_step = type(client).after_local_step is not ClientModule.after_local_step
         with self._seeded(round_idx, client_id, Stream.TRAIN):
             client.on_local_train_start()
             total: Tensor | None = None
             steps = 0
             for batch_idx, batch in enumerate(self.local_batches(ctx, work)):
+                before = float_state(client.net) if post_step else None
                 out = client.training_step(batch, batch_idx)
                 if isinstance(out, dict):  # extra keys reach the round's metrics, like `self.log`
                     loss = out["loss"]
@@ -560,6 +563,10 @@ class Federation(pl.LightningModule):
                     loss = out
                 self.backward_step(loss)
                 client.local_optimizer_step(opts)
+                if before is not None:
+                    with torch.no_grad():
+                        params = {n: t.detach() for n, t in client.params().items()}
+                        load_float_state(client.net, client.after_local_step(params, before, client.round_state))
                 client.on_local_step_end()
                 total = loss.detach().float() if total is None else total + loss.detach().float()
                 steps += 1
@@ -846,6 +853,7 @@ class Federation(pl.LightningModule):
         client = self.client
         ctx = self.context(client_id, round_idx, stage, Stream.EVAL)
         client.context = ctx
+        client.round_state = {}
         client.receive(self.server.message_for(client_id))
         client.load_client_state(None if ctx.new_client else self.store.get(client_id, self.device))
         with self._seeded(round_idx, client_id, Stream.EVAL), torch.enable_grad():

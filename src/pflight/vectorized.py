@@ -48,13 +48,13 @@ from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
-from typing_extensions import override
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from pflight.client import ClientContext, ClientModule, float_state, load_float_state
+from pflight.client import Batch, ClientContext, ClientModule, cross_entropy, float_state, load_float_state
 from pflight.data.datamodule import ClientData, FederatedDataModule
-from pflight.fused_mlp import Layer, fused_sgd_step_, mlp_layers, sgd_update_
+from pflight.fused_mlp import fused_sgd_step_, mlp_layers, sgd_update_
 from pflight.messages import Message
 from pflight.streams import Stream  # Stream.TRAIN: the generator of local training, for the same batch order
 
@@ -226,614 +226,76 @@ def _stack_plans(plans: Sequence[Plan], offsets: Sequence[int], pad: int, dtype:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- one round
-@dataclass
-class Round:
-    """The state of one vectorized round: clients in stacked order, their weights and their batches.
+def stack_tree(trees: Sequence[Any], device: torch.device) -> Any:
+    """Stack the clients' :attr:`~pflight.client.ClientModule.round_state` s leaf by leaf: ``(clients, ...)``.
 
-    Attributes:
-        federation: the federation being served.
-        round_idx: the round (0-based).
-        client_ids: the clients, in stacked order (most local steps first).
-        contexts: each client's training context (stacked order).
-        messages: each client's message from the server (stacked order).
-        steps: local steps per client (stacked order).
-        names: float-state entries of the network (parameters and float buffers), state-dict order.
-        trainable: the parameters the local optimizer moves.
-        state: ``name -> (C, ...)`` the clients' current weights.
-        batches: one :class:`_Batches` per batch slot of a step.
-        loss_sum: ``(C,)`` summed training loss per client.
-        extra: algorithm-specific tensors (anchors, lambdas, ...).
+    Python numbers become float64 tensors.
+
+    >>> out = stack_tree([{"a": torch.ones(2), "b": {"c": 1.0}}, {"a": torch.zeros(2), "b": {"c": 2.0}}], "cpu")
+    >>> out["a"].shape, out["b"]["c"].tolist()
+    (torch.Size([2, 2]), [1.0, 2.0])
     """
-
-    federation: Federation
-    round_idx: int
-    client_ids: list[int]
-    contexts: list[ClientContext]
-    messages: list[Message | None]
-    steps: list[int]
-    names: list[str]
-    trainable: list[str]
-    state: dict[str, Tensor] = field(default_factory=dict)
-    batches: list[_Batches] = field(default_factory=list)
-    loss_sum: Tensor = field(default_factory=lambda: torch.zeros(0))
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def active(self, t: int) -> int:
-        """How many clients take local step ``t`` (a prefix of the stacked order)."""
-        return sum(1 for s in self.steps if s > t)
-
-    def batch(self, t: int, m: int, slot: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(x, y, mask, count)`` of slot ``slot`` at step ``t`` for the first ``m`` clients."""
-        pool = _pool(self.federation.data)
-        b = self.batches[slot]
-        idx = b.idx[t, :m]  # (m, B)
-        flat = idx.reshape(-1)
-        device = self.federation.device
-        return (
-            pool.x.index_select(0, flat).view(*idx.shape, *pool.x.shape[1:]).to(device, non_blocking=True),
-            pool.y.index_select(0, flat).view(idx.shape).to(device, non_blocking=True),
-            b.mask[t, :m].to(device, non_blocking=True),
-            b.count[t, :m].to(device, non_blocking=True),
-        )
-
-    def view(self, m: int, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """The first ``m`` clients' weights (views of :attr:`state`)."""
-        return {n: self.state[n][:m] for n in (self.names if names is None else names)}
-
-    def per_client(self, name: str) -> tuple[Tensor, ...]:
-        """Client views of ``state[name]`` (stacked order)."""
-        return self.state[name].unbind(0)
-
-
-def _stack_like(states: Sequence[Mapping[str, Tensor]], run: Round) -> dict[str, Tensor]:
-    """``states`` stacked on the federation's device, in the dtypes of the network's own tensors.
-
-    As ``load_float_state`` copies a message into the network, casting it.
-    """
-    own = run.federation.client.net.state_dict()
-    stacked = stack_states(states, run.names, run.federation.device)
-    return {n: t.to(own[n].dtype) for n, t in stacked.items()}
-
-
-def _leaves(view: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
-    return {n: view[n].detach().requires_grad_(True) for n in names}
-
-
-def _grad(loss: Tensor, leaves: Mapping[str, Tensor], create_graph: bool = False) -> dict[str, Tensor]:
-    """``d loss / d leaves``; leaves the loss does not reach get zeros (as ``meta_functional.gradient``)."""
-    names = list(leaves)
-    grads = torch.autograd.grad(
-        loss, [leaves[n] for n in names], create_graph=create_graph, retain_graph=create_graph, allow_unused=True
-    )
-    return {n: g if g is not None else torch.zeros_like(leaves[n]) for n, g in zip(names, grads, strict=True)}
-
-
-# ---------------------------------------------------------------------------------------------- algorithms
-class VectorizedAlgorithm:
-    """How the clients of one client class train vectorized. Hooks do the FedAvg thing until overridden.
-
-    Per round: :meth:`plan` gives each client's batches, :meth:`begin` stacks the start weights
-    (:meth:`start_states`), :meth:`train_step` runs one local step on the active clients, then
-    :meth:`client_state` and :meth:`upload` give what each client stores and sends. An implementation must
-    reproduce the sequential executor's result for its client class; register it with :func:`register`.
-    """
-
-    batch_plan = "epochs"  # "epochs": plain local batches; "federation": the federation's own stream
-
-    def __init__(self, fused: bool = True) -> None:
-        """How the clients of one class train vectorized.
-
-        Args:
-            fused: take :func:`pflight.fused_mlp.fused_sgd_step_` where it applies (a plain MLP trained by SGD on
-                cross-entropy); False always runs ``vmap`` + autograd + :func:`sgd_update_`.
-        """
-        self.fused = fused
-
-    def unsupported_reason(self, federation: Federation) -> str | None:
-        """Called before each round: why this federation cannot be served (None: it can)."""
-        return _sgd_reason(federation)
-
-    def plan(self, federation: Federation, ctx: ClientContext, work: float = 1.0) -> Plan:
-        """Called per client: its local steps as index tensors into its train split, in sequential order.
-
-        ``work`` < 1 makes the client a straggler: the first ``ceil(work * steps)`` of them, as
-        ``Federation.local_batches`` gives.
-        """
-        client = federation.client
-        if self.batch_plan == "epochs":
-            n = ctx.data.num_samples("train")
-            plan = plan_batches(n, ctx.batch_size, ctx.generator, client.local_epochs, client.local_steps)
-            if work < 1.0:
-                plan = plan[: max(1, math.ceil(len(plan) * work))]
-            return [(b,) for b in plan]
-        steps: Plan = []
-        for batch in federation.local_batches(_index_context(ctx), work):
-            group = batch if client.batches_per_step > 1 else (batch,)
-            steps.append(tuple(x for x, _ in group))
-        return steps
-
-    def start_states(self, run: Round) -> list[Mapping[str, Tensor]]:
-        """Called once per round: each client's weights before its first step (stacked order)."""
-        states = []
-        for msg in run.messages:
-            if msg is None or msg.kind != "weights" or not set(run.names) <= set(msg.tensors):
-                raise ValueError(
-                    f"the vectorized executor expected a `weights` message with {run.names} for"
-                    f" `{type(run.federation.client).__name__}`, got {None if msg is None else msg.kind}: use"
-                    " `Federation(executor='sequential')` with this server."
-                )
-            states.append(msg.tensors)
-        return states
-
-    def begin(self, run: Round) -> None:
-        """Called once per round after the plans: stack the start weights, allocate the algorithm's state."""
-        run.state = _stack_like(self.start_states(run), run)
-        sgd = _sgd(run.federation)
-        if sgd is None:
-            raise TypeError(f"`{type(self).__name__}` needs a plain `torch.optim.SGD` local optimizer.")
-        run.extra["sgd"] = sgd
-        if sgd["momentum"] != 0:
-            run.extra["momentum"] = {n: torch.zeros_like(run.state[n]) for n in run.trainable}
-        run.extra["fused"] = self._fused_layers(run)
-
-    def _fused_layers(self, run: Round) -> list[Layer] | None:
-        """The MLP layers of the fused step, when it reproduces this algorithm's step exactly (else None)."""
-        if not self.fused or not self.fused_loss():
-            return None
-        layers = mlp_layers(run.federation.client.net)
-        if layers is None:
-            return None
-        names = {n for layer in layers for n in (layer.weight, layer.bias) if n is not None}
-        if names != set(run.trainable) or names != set(run.names):
-            return None  # frozen parameters or float buffers: the generic step handles them
-        return layers
-
-    def fused_loss(self) -> bool:
-        """Whether this algorithm's loss is what the fused step computes (cross-entropy, plus :meth:`prox`)."""
-        return type(self).loss is VectorizedAlgorithm.loss and type(self).train_step is VectorizedAlgorithm.train_step
-
-    def prox(self, run: Round, m: int) -> tuple[float, dict[str, Tensor] | None]:
-        """The fused step's proximal term ``(mu, anchor views)`` for the first ``m`` clients (none here)."""
-        return 0.0, None
-
-    def loss(self, run: Round, t: int, m: int, weights: dict[str, Tensor]) -> Tensor:
-        """The clients' training losses ``(m,)`` at step ``t`` (``weights`` hold the trainable leaves)."""
-        x, y, mask, count = run.batch(t, m)
-        return masked_cross_entropy(run.extra["forward"](weights, x), y, mask, count)
-
-    def train_step(self, run: Round, t: int, m: int) -> Tensor:
-        """One local step of the first ``m`` clients; returns their losses ``(m,)``."""
-        view = run.view(m)
-        layers = run.extra.get("fused")
-        if layers is not None:
-            x, y, mask, count = run.batch(t, m)
-            previous = self.before_update(run, m)
-            opt = run.extra["sgd"]
-            mu, anchor = self.prox(run, m)
-            momentum = run.extra.get("momentum")
-            loss = fused_sgd_step_(
-                layers,
-                view,
-                x,
-                y,
-                mask,
-                count,
-                opt["lr"],
-                opt["weight_decay"],
-                mu,
-                anchor,
-                momentum=opt["momentum"],
-                dampening=opt["dampening"],
-                nesterov=opt["nesterov"],
-                maximize=opt["maximize"],
-                buffers={n: b[:m] for n, b in momentum.items()} if momentum is not None else None,
-                first_step=t == 0,
+    flat = [tree_flatten(t) for t in trees]
+    spec = flat[0][1]
+    for _, other in flat[1:]:
+        if other != spec:
+            raise ValueError(
+                "the clients' `round_state` differ in structure: the vectorized executor stacks them; give every"
+                f" client the same keys ({spec} vs {other})."
             )
-            self.after_update(run, m, previous)
-            return loss
-        leaves = _leaves(view, run.trainable)
-        with torch.enable_grad():
-            loss = self.loss(run, t, m, {**view, **leaves})
-            grads = _grad(loss.sum(), leaves)
-        previous = self.before_update(run, m)
-        self.apply(run, t, m, grads)
-        self.after_update(run, m, previous)
-        return loss.detach()
-
-    def apply(self, run: Round, t: int, m: int, grads: Mapping[str, Tensor]) -> None:
-        """SGD on the first ``m`` clients' trainable weights with the local optimizer's hyperparameters."""
-        opt = run.extra["sgd"]
-        momentum = run.extra.get("momentum")
-        sgd_update_(
-            [run.state[n][:m] for n in run.trainable],
-            [grads[n] for n in run.trainable],
-            [momentum[n][:m] for n in run.trainable] if momentum is not None else None,
-            lr=opt["lr"],
-            momentum=opt["momentum"],
-            dampening=opt["dampening"],
-            weight_decay=opt["weight_decay"],
-            nesterov=opt["nesterov"],
-            maximize=opt["maximize"],
-            first_step=t == 0,
-        )
-
-    def before_update(self, run: Round, m: int) -> Any:
-        """Called before each update: what :meth:`after_update` needs (nothing by default)."""
-        return None
-
-    def after_update(self, run: Round, m: int, previous: Any) -> None:
-        """Called after each update (FEDORA's pull)."""
-
-    def client_state(self, run: Round, c: int) -> dict[str, Any] | None:
-        """What stacked client ``c`` keeps between rounds (as ``client.client_state()``)."""
-        return None
-
-    def upload(self, run: Round, c: int) -> Message | None:
-        """Stacked client ``c``'s message to the server (as ``client.upload()``)."""
-        return Message("weights", self._weights(run, c), n_samples=run.contexts[c].data.num_samples("train"))
-
-    def _weights(self, run: Round, c: int) -> dict[str, Tensor]:
-        rows = run.extra.get("rows")
-        if rows is None:
-            rows = run.extra["rows"] = {n: run.per_client(n) for n in run.names}
-        return {n: rows[n][c] for n in run.names}
-
-    def finish_client(self, run: Round, c: int) -> None:
-        """Called for the caller's last client: leave the client module as the sequential executor does."""
-        load_float_state(run.federation.client.net, self._weights(run, c))
+    stacked = []
+    for column in zip(*(leaves for leaves, _ in flat), strict=True):
+        if isinstance(column[0], Tensor):
+            stacked.append(torch.stack([t.detach().to(device) for t in column]))
+        else:
+            stacked.append(torch.tensor([float(v) for v in column], dtype=torch.float64, device=device))
+    return tree_unflatten(stacked, spec)
 
 
-class FedProxAlgorithm(VectorizedAlgorithm):
-    """FedProx: cross-entropy plus ``(mu / 2) ||theta - theta_received||^2`` per client."""
-
-    @override
-    def begin(self, run: Round) -> None:
-        super().begin(run)
-        params = [n for n, _ in run.federation.client.net.named_parameters()]
-        run.extra["anchor"] = {n: run.state[n].clone() for n in params}
-
-    @override
-    def fused_loss(self) -> bool:
-        return type(self).loss is FedProxAlgorithm.loss and type(self).train_step is VectorizedAlgorithm.train_step
-
-    @override
-    def prox(self, run: Round, m: int) -> tuple[float, dict[str, Tensor] | None]:
-        return float(run.federation.client.mu), {n: a[:m] for n, a in run.extra["anchor"].items()}
-
-    @override
-    def loss(self, run: Round, t: int, m: int, weights: dict[str, Tensor]) -> Tensor:
-        loss = super().loss(run, t, m, weights)
-        mu = run.federation.client.mu
-        if mu > 0:
-            anchor = run.extra["anchor"]
-            total = sum(((weights[n] - a[:m]) ** 2).flatten(1).sum(1) for n, a in anchor.items())
-            loss = loss + (0.5 * mu * total).to(loss.dtype)  # type: ignore[union-attr]
-        return loss
+# ---------------------------------------------------------------------------------------------- what is served
+ELEMENTWISE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
 
 
-class LocalOnlyAlgorithm(VectorizedAlgorithm):
-    """Local-only: each client continues its own model; nothing is uploaded."""
-
-    @override
-    def start_states(self, run: Round) -> list[Mapping[str, Tensor]]:
-        client, store = run.federation.client, run.federation.store
-        initial = client.initial_state()
-        states = []
-        for k in run.client_ids:
-            stored = store.get(k)
-            states.append(stored["weights"] if stored is not None else initial)
-        return states
-
-    @override
-    def client_state(self, run: Round, c: int) -> dict[str, Any] | None:
-        return {"weights": self._weights(run, c)}
-
-    @override
-    def upload(self, run: Round, c: int) -> Message | None:
-        return None
-
-
-class ReptileAlgorithm(VectorizedAlgorithm):
-    """Reptile: local SGD from φ, upload Δ = W − φ (without persisted local optimizer state)."""
-
-    @override
-    def unsupported_reason(self, federation: Federation) -> str | None:
-        if federation.client.persist_optimizer_state:
-            return "`Reptile(persist_optimizer_state=True)` keeps per-client optimizer state between rounds"
-        return super().unsupported_reason(federation)
-
-    @override
-    def begin(self, run: Round) -> None:
-        super().begin(run)
-        run.extra["anchor"] = {n: t.clone() for n, t in run.state.items()}
-
-    @override
-    def upload(self, run: Round, c: int) -> Message | None:
-        now, anchor = self._weights(run, c), run.extra["anchor"]
-        delta = {n: now[n] - anchor[n][c] for n in now}
-        return Message("delta", delta, n_samples=run.contexts[c].data.num_samples("train"))
-
-
-class PerFedAvgAlgorithm(VectorizedAlgorithm):
-    """Per-FedAvg (maml, fo, hf): each step on the batches (D, D'[, D'']) of the federation's stream."""
-
-    batch_plan = "federation"
-
-    @override
-    def train_step(self, run: Round, t: int, m: int) -> Tensor:
-        client = run.federation.client
-        alpha = client.alpha
-        fwd = run.extra["forward"]
-        view = run.view(m)
-        consts = {n: view[n] for n in run.names if n not in run.trainable}
-        (x0, y0, k0, n0), (x1, y1, k1, n1) = run.batch(t, m, 0), run.batch(t, m, 1)
-        with torch.enable_grad():
-            w = _leaves(view, run.trainable)
-            g0 = _grad(masked_cross_entropy(fwd({**consts, **w}, x0), y0, k0, n0).sum(), w, client.through_inner)
-            w_tilde = {n: w[n] - alpha * g0[n] for n in w}
-            if client.variant == "fo" or client.through_inner:
-                query = masked_cross_entropy(fwd({**consts, **w_tilde}, x1), y1, k1, n1)
-                direction = _grad(query.sum(), w)
-            else:
-                x2, y2, k2, n2 = run.batch(t, m, 2)
-                tilde = {n: p.detach().requires_grad_(True) for n, p in w_tilde.items()}
-                query = masked_cross_entropy(fwd({**consts, **tilde}, x1), y1, k1, n1)
-                g1 = _grad(query.sum(), tilde)
-
-                def loss_d2(p: Mapping[str, Tensor]) -> Tensor:
-                    return masked_cross_entropy(fwd({**consts, **p}, x2), y2, k2, n2).sum()
-
-                if client.variant == "maml":
-                    leaf = {n: p.detach().requires_grad_(True) for n, p in w.items()}
-                    grads = _grad(loss_d2(leaf), leaf, create_graph=True)
-                    dot = sum((grads[n] * g1[n]).sum() for n in leaf)
-                    h = _grad(dot, leaf)  # type: ignore[arg-type]
-                else:
-                    delta = client.delta
-                    plus = {n: (p.detach() + delta * g1[n]).requires_grad_(True) for n, p in w.items()}
-                    minus = {n: (p.detach() - delta * g1[n]).requires_grad_(True) for n, p in w.items()}
-                    gp, gm = _grad(loss_d2(plus), plus), _grad(loss_d2(minus), minus)
-                    h = {n: (gp[n] - gm[n]) / (2 * delta) for n in w}
-                direction = {n: g1[n] - alpha * h[n] for n in w}
-                self._record(run, m, g1=g1, hvp=h, direction=direction)
-        self.apply(run, t, m, {n: d.detach() for n, d in direction.items()})
-        return query.detach()
-
-    @staticmethod
-    def _record(run: Round, m: int, **vectors: Mapping[str, Tensor]) -> None:
-        """Add each client's norms of ``vectors`` to its round sums (as ``PerFedAvg._record``)."""
-        norms = run.extra.setdefault("norms", {})
-        for key, vec in vectors.items():
-            per_tensor = torch.stack(
-                [torch.linalg.vector_norm(v.detach().float().flatten(1), dim=1) for v in vec.values()]
-            )
-            norm = torch.linalg.vector_norm(per_tensor, dim=0)  # (m,)
-            if key not in norms:
-                norms[key] = torch.zeros(len(run.client_ids), dtype=norm.dtype, device=norm.device)
-            norms[key][:m] += norm
-
-    @override
-    def upload(self, run: Round, c: int) -> Message | None:
-        message = super().upload(run, c)
-        norms = run.extra.get("norms")
-        if message is not None and norms:
-            message.metrics.update({f"norm_{k}": float(v[c]) / run.steps[c] for k, v in norms.items()})
-        return message
-
-
-class MAMLAlgorithm(VectorizedAlgorithm):
-    """MAML / FOMAML (FedMeta): θ does not move; each client's meta-gradients are averaged and uploaded."""
-
-    batch_plan = "federation"
-
-    @override
-    def unsupported_reason(self, federation: Federation) -> str | None:
-        from pflight.algorithms.meta_base import GradientAccumulator
-
-        opt = _optimizer(federation)
-        if type(opt) is not GradientAccumulator:
-            return f"`{type(federation.client).__name__}` trains with {type(opt).__name__}, not its GradientAccumulator"
-        return None
-
-    @override
-    def plan(self, federation: Federation, ctx: ClientContext, work: float = 1.0) -> Plan:
-        client = federation.client
-        index_ctx = _index_context(ctx)
-        saved = client.context
-        client.context = index_ctx  # meta_batches draws from the same generator, between the stream's batches
-        try:
-            steps: Plan = []
-            for _ in federation.local_batches(index_ctx, work):
-                (support, _), (query, _) = client.meta_batches()
-                steps.append((support, query))
-        finally:
-            client.context = saved
-        return steps
-
-    @override
-    def begin(self, run: Round) -> None:
-        run.state = _stack_like(self.start_states(run), run)
-        run.extra["grad_sum"] = {n: torch.zeros_like(run.state[n]) for n in run.trainable}
-
-    @override
-    def train_step(self, run: Round, t: int, m: int) -> Tensor:
-        client = run.federation.client
-        fwd = run.extra["forward"]
-        view = run.view(m)
-        consts = {n: view[n] for n in run.names if n not in run.trainable}
-        (xs, ys, ks, ns), (xq, yq, kq, nq) = run.batch(t, m, 0), run.batch(t, m, 1)
-        with torch.enable_grad():
-            theta = _leaves(view, run.trainable)
-            fast = dict(theta)
-            for _ in range(client.inner_steps):
-                if client.first_order:
-                    anchor = {n: p.detach().requires_grad_(True) for n, p in fast.items()}
-                    g = _grad(masked_cross_entropy(fwd({**consts, **anchor}, xs), ys, ks, ns).sum(), anchor)
-                else:
-                    g = _grad(masked_cross_entropy(fwd({**consts, **fast}, xs), ys, ks, ns).sum(), fast, True)
-                fast = {n: p - client.inner_lr * g[n] for n, p in fast.items()}
-            query = masked_cross_entropy(fwd({**consts, **fast}, xq), yq, kq, nq)
-            meta = _grad(query.sum(), theta)
-        with torch.no_grad():
-            torch._foreach_add_([run.extra["grad_sum"][n][:m] for n in run.trainable], [meta[n] for n in run.trainable])
-        return query.detach()
-
-    @override
-    def upload(self, run: Round, c: int) -> Message | None:
-        steps = run.steps[c]
-        tensors = {n: run.extra["grad_sum"][n][c] / steps for n in run.trainable}
-        net = run.federation.client.net
-        for name, b in net.named_buffers():
-            if b.is_floating_point():
-                tensors[name] = torch.zeros_like(run.state[name][c])  # no pass moves a buffer here
-        return Message("gradient", tensors, n_samples=run.contexts[c].data.num_samples("train"))
-
-    @override
-    def finish_client(self, run: Round, c: int) -> None:
-        run.federation.client.receive(run.messages[c])  # θ never moves: the network holds the received model
-
-
-class FedoraAlgorithm(VectorizedAlgorithm):
-    """FEDORA: λ_k from the client's own validation losses, then SGD with the post-step pull toward θ̂_k."""
-
-    @override
-    def start_states(self, run: Round) -> list[Mapping[str, Tensor]]:
-        federation = run.federation
-        client = federation.client
-        saved = client.context
-        states, received, lams, val_losses = [], [], [], []
-        for k, ctx, msg in zip(run.client_ids, run.contexts, run.messages, strict=True):
-            client.context = ctx  # exactly the sequential prologue: receive, personal model, λ_k
-            client.receive(msg)
-            client.load_client_state(federation.store.get(k, federation.device))
-            client.on_local_train_start()
-            states.append(float_state(client.net))
-            received.append(client.received)
-            lams.append(client.lam)
-            val_losses.append(client.val_losses)
-        client.context = saved
-        run.extra["received"] = stack_states(received, run.names, federation.device)
-        run.extra["lam"] = lams
-        run.extra["val_losses"] = val_losses
-        return states
-
-    @override
-    def before_update(self, run: Round, m: int) -> Any:
-        lam = torch.tensor(run.extra["lam"][:m], dtype=torch.float64)
-        if not bool((lam > 0).any()):
-            return None
-        return lam, {n: run.state[n][:m].clone() for n in run.names}
-
-    @override
-    def after_update(self, run: Round, m: int, previous: Any) -> None:
-        if previous is None:
-            return
-        from pflight.algorithms.fedora import fedora_pull
-
-        lam, before = previous
-        coef = run.federation.client.lr * lam  # (m,) float64: lr * lambda_k as the sequential pull's Python float
-        received = run.extra["received"]
-        with torch.no_grad():
-            for n in run.names:
-                current = run.state[n][:m]
-                coef_n = coef.to(current.device, current.dtype).view(m, *([1] * (current.dim() - 1)))
-                pulled = fedora_pull({n: current}, {n: before[n]}, {n: received[n][:m]}, 1.0, coef_n)  # type: ignore[arg-type]
-                current.copy_(pulled[n])
-
-    @override
-    def client_state(self, run: Round, c: int) -> dict[str, Any] | None:
-        return {"weights": self._weights(run, c)}
-
-    @override
-    def upload(self, run: Round, c: int) -> Message | None:
-        personal, received = run.extra["val_losses"][c]
-        metrics = {"lambda": run.extra["lam"][c], "val_loss_personal": personal, "val_loss_received": received}
-        n_samples = run.contexts[c].data.num_samples("train")
-        return Message("weights", self._weights(run, c), n_samples, metrics)
-
-    @override
-    def finish_client(self, run: Round, c: int) -> None:
-        client = run.federation.client
-        super().finish_client(run, c)
-        client.received = {n: t[c] for n, t in run.extra["received"].items()}
-        client.lam = run.extra["lam"][c]
-        client.val_losses = run.extra["val_losses"][c]
-
-
-# ---------------------------------------------------------------------------------------------- registry
-_REGISTRY: dict[type, VectorizedAlgorithm] = {}
-_BUILTINS: list[bool] = []  # non-empty once the built-in algorithms are registered
-
-
-def register(client_class: type[ClientModule], algorithm: VectorizedAlgorithm) -> None:
-    """Serve clients of exactly ``client_class`` (not its subclasses) with ``algorithm``."""
-    if not (isinstance(client_class, type) and issubclass(client_class, ClientModule)):
-        raise TypeError(f"`register({client_class!r}, ...)` needs a `ClientModule` subclass.")
-    if not isinstance(algorithm, VectorizedAlgorithm):
-        raise TypeError(f"`register(..., {algorithm!r})` needs a `pflight.vectorized.VectorizedAlgorithm`.")
-    _builtin()
-    _REGISTRY[client_class] = algorithm
-
-
-def _builtin() -> dict[type, VectorizedAlgorithm]:
-    if not _BUILTINS:
-        _BUILTINS.append(True)
-        from pflight.algorithms.baselines import FedAvg, FedAvgFT, FedProx, LocalOnly
-
-        plain = VectorizedAlgorithm()
-        for cls in (ClientModule, FedAvg, FedAvgFT):
-            _REGISTRY[cls] = plain
-        _REGISTRY[FedProx] = FedProxAlgorithm()
-        _REGISTRY[LocalOnly] = LocalOnlyAlgorithm()
-        try:  # written alongside this executor: serve what exists
-            from pflight.algorithms.maml import MAML
-            from pflight.algorithms.perfedavg import PerFedAvg
-            from pflight.algorithms.reptile import Reptile
-
-            _REGISTRY[PerFedAvg] = PerFedAvgAlgorithm()
-            _REGISTRY[MAML] = MAMLAlgorithm()
-            _REGISTRY[Reptile] = ReptileAlgorithm()
-        except ImportError:
-            pass
-        try:
-            from pflight.algorithms.fedora import Fedora
-
-            _REGISTRY[Fedora] = FedoraAlgorithm()
-        except ImportError:
-            pass
-    return _REGISTRY
-
-
-def _optimizer(federation: Federation) -> Any:
+def _local_optimizer(federation: Federation) -> torch.optim.Optimizer | None:
     opts = federation.optimizers()
-    opt = opts[0] if isinstance(opts, list) and len(opts) == 1 else opts
-    return getattr(opt, "optimizer", opt)
+    if isinstance(opts, list):
+        if len(opts) != 1:
+            return None
+        opts = opts[0]
+    return getattr(opts, "optimizer", opts)
 
 
-def _sgd(federation: Federation) -> dict[str, Any] | None:
-    """The local SGD's hyperparameters (None when the local optimizer is not a plain SGD over the network)."""
-    opt = _optimizer(federation)
-    if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
-        return None
-    group = opt.param_groups[0]
-    keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-    if any(isinstance(group.get(k), Tensor) for k in keys):
-        return None
-    return {k: group.get(k, False if k in ("nesterov", "maximize") else 0.0) for k in keys}
+def _optimizer_reason(federation: Federation) -> str | None:
+    """Why the local optimizer cannot step stacked clients (None: it can).
 
-
-def _sgd_reason(federation: Federation) -> str | None:
+    It can when it is one optimizer with one parameter group over exactly the network's trainable parameters,
+    and its update is elementwise (SGD, Adam, AdamW, Adamax, RMSprop, Adagrad, or a class with a true
+    ``elementwise`` attribute): then one step on ``(clients, ...)`` tensors is each client's own step.
+    """
     opts = federation.optimizers()
     if isinstance(opts, list) and len(opts) != 1:
-        return f"`{type(federation.client).__name__}` has {len(opts)} local optimizers (one SGD is supported)"
-    opt = _optimizer(federation)
-    if _sgd(federation) is None:
-        return f"the local optimizer is {type(opt).__name__}, not a plain `torch.optim.SGD` with one parameter group"
-    own = list(federation.client.net.parameters())
+        return f"`{type(federation.client).__name__}` has {len(opts)} local optimizers (one is supported)"
+    opt = _local_optimizer(federation)
+    assert opt is not None
+    if not (type(opt) in ELEMENTWISE_OPTIMIZERS or getattr(type(opt), "elementwise", False)):
+        return (
+            f"the local optimizer {type(opt).__name__} is not known to update elementwise (served: "
+            + ", ".join(c.__name__ for c in ELEMENTWISE_OPTIMIZERS)
+            + ", or a class with `elementwise = True`)"
+        )
+    if len(opt.param_groups) != 1:
+        return f"the local optimizer has {len(opt.param_groups)} parameter groups (one is supported)"
+    own = [p for p in federation.client.net.parameters() if p.requires_grad]
     listed = opt.param_groups[0]["params"]
     if len(listed) != len(own) or any(a is not b for a, b in zip(listed, own, strict=False)):
-        return "the local optimizer does not own exactly the network's parameters"
+        return "the local optimizer does not own exactly the network's trainable parameters"
     return None
 
 
@@ -857,22 +319,334 @@ def _network_reason(net: nn.Module) -> str | None:
     return None
 
 
-def unsupported_reason(federation: Federation) -> str | None:
-    """Why the vectorized executor cannot serve this federation's client (None: it can)."""
-    client = federation.client
-    algorithm = _builtin().get(type(client))
-    if algorithm is None:
-        served = ", ".join(sorted({cls.__name__ for cls in _builtin()}))
-        return f"`{type(client).__name__}` has no vectorized implementation (served: {served})"
+def _precision_reason(federation: Federation) -> str | None:
     precision = str(getattr(federation.trainer, "precision", "32-true"))
     if precision not in ("32-true", "32"):
         return f"the Trainer's precision is {precision!r}; the vectorized executor runs '32-true' only"
-    reason = _network_reason(client.net)
-    if reason is None:
-        reason = algorithm.unsupported_reason(federation)
-    return reason
+    return None
 
 
+def unsupported_reason(federation: Federation) -> str | None:
+    """Why the vectorized executor cannot train this federation's clients (None: it can).
+
+    The client says it of itself (:meth:`~pflight.client.ClientModule.vectorized_reason`); the executor adds the
+    precision, the network (no running statistics, batch norm or dropout) and the local optimizer.
+    """
+    client = federation.client
+    return (
+        _precision_reason(federation)
+        or _network_reason(client.net)
+        or client.vectorized_reason()
+        or _optimizer_reason(federation)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- one chunk
+FUSED = True  # take pflight.fused_mlp's kernel where it computes the client's step exactly (tests switch it off)
+
+
+@dataclass
+class Chunk:
+    """Clients trained at once: stacked in order of their number of steps (most first).
+
+    Attributes:
+        client_ids: the clients, in stacked order.
+        steps: local steps per client.
+        names: the network's floating-point state entries (state-dict order); ``trainable``: its trainable ones.
+        state: ``name -> (C, ...)``, the clients' weights.
+        round_state: the clients' ``round_state`` s, stacked leaf by leaf.
+        batches: one :class:`_Batches` per batch a step takes.
+    """
+
+    client_ids: list[int]
+    steps: list[int]
+    names: list[str]
+    trainable: list[str]
+    state: dict[str, Tensor]
+    round_state: Any
+    batches: list[_Batches] = field(default_factory=list)
+
+    def active(self, t: int) -> int:
+        """How many clients take local step ``t`` (a prefix of the stacked order)."""
+        return sum(1 for s in self.steps if s > t)
+
+
+Objective = Callable[[Mapping[str, Tensor], Any, Mapping[str, Any]], Any]
+
+
+class Stepper:
+    """Local steps of a :class:`Chunk`: ``vmap(grad(objective))``, the optimizer's update, ``after_local_step``.
+
+    Each step takes the objective's per-client gradient by ``vmap(grad)``, updates the stacked weights as the
+    local optimizer does, then applies the client's ``after_local_step`` (vmapped) when it has one.
+
+    The update is ``torch.optim.SGD``'s (:func:`~pflight.fused_mlp.sgd_update_`) for SGD, else the local optimizer
+    class stepping one view per client (its state kept per client). Where the network is a plain MLP, the
+    objective the base class's cross-entropy (plus its proximal term) and the optimizer SGD, the step is
+    :func:`~pflight.fused_mlp.fused_sgd_step_` instead: no autograd graph, no materialized gradient.
+    """
+
+    def __init__(
+        self,
+        federation: Federation,
+        run: Chunk,
+        objective: Objective,
+        optimizer: tuple[type, dict[str, Any]],
+        plain: bool,
+        post_step: Callable[..., Mapping[str, Tensor]] | None = None,
+        proximal_mu: float = 0.0,
+    ) -> None:
+        self.federation, self.run = federation, run
+        self.device = federation.device
+        self.post_step = vmap(post_step) if post_step is not None else None
+        self.proximal_mu = proximal_mu
+        self.opt_class, self.hyper = optimizer
+        self.sgd = self.opt_class is torch.optim.SGD
+        self.momentum: dict[str, Tensor] | None = None
+        self.fused = None
+        if FUSED and plain and self.sgd and len(run.batches) == 1:
+            layers = mlp_layers(federation.client.net)
+            names = {n for layer in layers or [] for n in (layer.weight, layer.bias) if n is not None}
+            if layers is not None and names == set(run.trainable) == set(run.names):
+                self.fused = layers
+        self.views: list[list[Tensor]] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        if not self.sgd:  # one view per (client, tensor): the optimizer keeps each client's own state
+            self.views = [[run.state[n][c] for n in run.trainable] for c in range(len(run.client_ids))]
+            flat = [v for views in self.views for v in views]
+            self.optimizer = self.opt_class([{"params": flat, **self.hyper}])
+
+        def one(train: dict[str, Tensor], const: dict[str, Tensor], batch: Any, state: Any) -> Any:
+            out = objective({**const, **train}, batch, state)
+            loss, aux = (
+                (out["loss"], {k: v for k, v in out.items() if k != "loss"}) if isinstance(out, dict) else (out, {})
+            )
+            return loss, (loss, aux)
+
+        self.grad = vmap(grad(one, has_aux=True))
+
+    def batch(self, t: int, m: int, slot: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(x, y, mask, count)`` of the step's batch ``slot`` at step ``t`` for the first ``m`` clients."""
+        pool = _pool(self.federation.data)
+        b = self.run.batches[slot]
+        idx = b.idx[t, :m]
+        flat = idx.reshape(-1)
+        return (
+            pool.x.index_select(0, flat).view(*idx.shape, *pool.x.shape[1:]).to(self.device, non_blocking=True),
+            pool.y.index_select(0, flat).view(idx.shape).to(self.device, non_blocking=True),
+            b.mask[t, :m].to(self.device, non_blocking=True),
+            b.count[t, :m].to(self.device, non_blocking=True),
+        )
+
+    def step(self, t: int, m: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Local step ``t`` of the first ``m`` clients, in place; their losses ``(m,)`` and metrics."""
+        run = self.run
+        view = {n: run.state[n][:m] for n in run.names}
+        state = tree_map(lambda v: v[:m], run.round_state)
+        before = {n: v.clone() for n, v in view.items()} if self.post_step is not None else None
+        aux: dict[str, Tensor] = {}
+        if self.fused is not None:
+            x, y, mask, count = self.batch(t, m, 0)
+            anchor = state.get("anchor") if self.proximal_mu > 0 else None
+            loss = fused_sgd_step_(
+                self.fused, view, x, y, mask, count, self.hyper["lr"], self.hyper["weight_decay"],
+                self.proximal_mu, anchor, momentum=self.hyper["momentum"], dampening=self.hyper["dampening"],
+                nesterov=self.hyper["nesterov"], maximize=self.hyper["maximize"], buffers=self._buffers(m),
+                first_step=t == 0,
+            )  # fmt: skip
+        else:
+            batches = []
+            for slot in range(len(run.batches)):
+                x, y, mask, count = self.batch(t, m, slot)
+                batches.append(Batch(x, y, mask / count[:, None]))
+            batch = batches[0] if len(batches) == 1 else tuple(batches)
+            train = {n: view[n] for n in run.trainable}
+            const = {n: view[n] for n in run.names if n not in train}
+            grads, (loss, aux) = self.grad(train, const, batch, state)
+            self._update(grads, t, m)
+        if self.post_step is not None:
+            with torch.no_grad():
+                new = self.post_step(view, before, state)
+                for n in run.names:
+                    if new[n] is not view[n]:
+                        view[n].copy_(new[n])
+        return loss.detach(), aux
+
+    def _buffers(self, m: int) -> dict[str, Tensor] | None:
+        if self.hyper.get("momentum", 0) == 0:
+            return None
+        if self.momentum is None:  # step 0: every client is active
+            self.momentum = {n: torch.zeros_like(self.run.state[n]) for n in self.run.trainable}
+        return {n: b[:m] for n, b in self.momentum.items()}
+
+    @torch.no_grad()
+    def _update(self, grads: Mapping[str, Tensor], t: int, m: int) -> None:
+        run = self.run
+        if self.sgd:
+            buffers = self._buffers(m)
+            sgd_update_(
+                [run.state[n][:m] for n in run.trainable],
+                [grads[n] for n in run.trainable],
+                [buffers[n] for n in run.trainable] if buffers is not None else None,
+                lr=self.hyper["lr"],
+                momentum=self.hyper["momentum"],
+                dampening=self.hyper["dampening"],
+                weight_decay=self.hyper["weight_decay"],
+                nesterov=self.hyper["nesterov"],
+                maximize=self.hyper["maximize"],
+                first_step=t == 0,
+            )
+            return
+        assert self.optimizer is not None
+        active = []
+        for c in range(m):
+            for i, n in enumerate(run.trainable):
+                view = self.views[c][i]
+                view.grad = grads[n][c]
+                active.append(view)
+        self.optimizer.param_groups[0]["params"] = active
+        self.optimizer.step()
+        for view in active:
+            view.grad = None
+
+    def optimizer_state(self, c: int) -> list[dict[str, Any]]:
+        """Stacked client ``c``'s optimizer state, one dict per trainable tensor (the generic update only)."""
+        if self.optimizer is None:
+            return []
+        return [self.optimizer.state.get(v, {}) for v in self.views[c]]
+
+
+def _sgd_hyper(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    group = opt.param_groups[0]
+    out = {k: v for k, v in group.items() if k != "params"}
+    for key, default in (("momentum", 0.0), ("dampening", 0.0), ("weight_decay", 0.0)):
+        out.setdefault(key, default)
+    out.setdefault("nesterov", False)
+    out.setdefault("maximize", False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _plan(federation: Federation, ctx: ClientContext, work: float) -> Plan:
+    """Client ``ctx.client_id``'s local steps as index tensors into its train split, in the sequential order."""
+    client = federation.client
+    if client.batches_per_step == 1:
+        n = ctx.data.num_samples("train")
+        plan = plan_batches(n, ctx.batch_size, ctx.generator, client.local_epochs, client.local_steps)
+        if work < 1.0:
+            plan = plan[: max(1, math.ceil(len(plan) * work))]
+        return [(b,) for b in plan]
+    return [tuple(x for x, _ in group) for group in federation.local_batches(_index_context(ctx), work)]
+
+
+def train_clients(
+    federation: Federation, client_ids: list[int], round_idx: int, work: Mapping[int, float] | None = None
+) -> tuple[dict[int, Message], list[Tensor]]:
+    """Train ``client_ids`` of round ``round_idx`` at once; return (uploads, per-client mean losses).
+
+    ``work`` maps stragglers to the share of their local steps they complete. Gives what
+    ``Federation.train_client`` gives for each client in turn (up to float summation order): each client's
+    prologue (``receive``, ``load_client_state``, ``on_local_train_start``) and epilogue (``on_local_train_end``,
+    ``client_state``, ``upload``) are the client module's own hooks, run for it in turn; its steps run stacked.
+    """
+    if not client_ids:
+        return {}, []
+    client, device = federation.client, federation.device
+    work = work or {}
+    opt = _local_optimizer(federation)
+    assert opt is not None
+    opt.state.clear()
+    names = [n for n, v in client.net.state_dict().items() if v.is_floating_point()]
+    own = client.net.state_dict()
+    contexts, starts, round_states, plans = [], [], [], []
+    for k in client_ids:  # the sequential prologue, then the client's batches from the same generator
+        ctx = federation.context(k, round_idx, "train", Stream.TRAIN)
+        client.context = ctx
+        client.round_state = {}
+        client.receive(federation.server.message_for(k))
+        client.load_client_state(federation.store.get(k, device))
+        with federation._seeded(round_idx, k, Stream.TRAIN):
+            client.on_local_train_start()
+        contexts.append(ctx)
+        starts.append(float_state(client.net))
+        round_states.append(client.round_state)
+        plans.append(_plan(federation, ctx, work.get(k, 1.0)))
+        if not plans[-1]:
+            raise ValueError(
+                f"client {k} has no local batch in round {round_idx}: the vectorized executor needs at least one;"
+                " use `Federation(executor='sequential')`."
+            )
+    order = sorted(range(len(client_ids)), key=lambda i: -len(plans[i]))  # stable: ties keep the caller's order
+    size = chunk_size(federation, len(client_ids))
+    plain = type(client).loss is ClientModule.loss
+    post = client.after_local_step if type(client).after_local_step is not ClientModule.after_local_step else None
+    pool = _pool(federation.data)
+    dtype = next(iter(client.net.parameters())).dtype
+    uploads: dict[int, Message] = {}
+    losses: dict[int, Tensor] = {}
+    final: dict[str, Tensor] = {}
+    final_state: tuple[ClientContext, dict[str, Any]] | None = None
+    last = len(client_ids) - 1
+    for lo in range(0, len(order), size):
+        members = order[lo : lo + size]
+        ids = [client_ids[i] for i in members]
+        run = Chunk(
+            client_ids=ids,
+            steps=[len(plans[i]) for i in members],
+            names=names,
+            trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
+            state={
+                n: torch.stack([starts[i][n] for i in members]).to(device=device, dtype=own[n].dtype) for n in names
+            },
+            round_state=stack_tree([round_states[i] for i in members], device),
+        )
+        run.batches = _stack_plans([plans[i] for i in members], [pool.offsets[k] for k in ids], pool.pad, dtype)
+        stepper = Stepper(
+            federation, run, client.loss, (type(opt), _sgd_hyper(opt)), plain, post, float(client.proximal_mu)
+        )
+        loss_sum = torch.zeros(len(ids), dtype=dtype, device=device)
+        logs = client.logs
+        for t in range(run.steps[0]):
+            m = run.active(t)
+            loss, aux = stepper.step(t, m)
+            loss_sum[:m] += loss.to(dtype)
+            if aux and logs is not None:
+                for name, values in aux.items():
+                    for c, value in enumerate(values.tolist()):
+                        logs.add(name, ids[c], float(value))
+        loss_sum /= torch.tensor(run.steps, dtype=dtype, device=device)
+        for c, i in enumerate(members):  # the sequential epilogue, for each client in turn
+            k, ctx = client_ids[i], contexts[i]
+            if not bool(torch.isfinite(loss_sum[c])):
+                raise FloatingPointError(
+                    f"client {k} produced a non-finite training loss ({float(loss_sum[c])}) in round"
+                    f" {round_idx + 1}: lower the learning rate (`--model.client.init_args.lr`) or use float32"
+                    " precision. The last good checkpoint is kept; resume from it with `--ckpt_path last`."
+                )
+            client.context, client.round_state = ctx, round_states[i]
+            weights = {n: run.state[n][c] for n in names}
+            load_float_state(client.net, weights)
+            opt.state.clear()
+            for p, s in zip(opt.param_groups[0]["params"], stepper.optimizer_state(c), strict=False):
+                opt.state[p] = s
+            with federation._seeded(round_idx, k, Stream.TRAIN):
+                client.on_local_train_end()
+            federation.store.put(k, client.client_state())
+            upload = client.upload()
+            if upload is not None:
+                uploads[k] = upload
+            losses[k] = loss_sum[c]
+            if i == last:
+                final = {n: w.clone() for n, w in weights.items()}
+                final_state = (ctx, round_states[i])
+    if order[-1] != last:  # leave the client module as the caller's last client left it, as sequential training
+        load_float_state(client.net, final)
+        assert final_state is not None
+        client.context, client.round_state = final_state
+    return {k: uploads[k] for k in client_ids if k in uploads}, [losses[k] for k in client_ids]
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
 def chunk_size(federation: Federation, num_clients: int) -> int:
     """How many clients one vectorized pass trains.
 
@@ -901,118 +675,14 @@ def cpu_chunk(net: nn.Module) -> int:
 CPU_CHUNK_BYTES = 9 * 2**19  # 4.5 MiB
 
 
-def train_clients(
-    federation: Federation, client_ids: list[int], round_idx: int, work: Mapping[int, float] | None = None
-) -> tuple[dict[int, Message], list[Tensor]]:
-    """Train ``client_ids`` of round ``round_idx`` at once; return (uploads, per-client mean losses).
-
-    ``work`` maps stragglers to the share of their local steps they complete.
-
-    Gives what ``Federation.train_client`` gives for each client in turn (up to float summation order):
-    the same batches, the same SGD, the same per-client state in the store and the same uploads. Clients are
-    sorted by their number of local steps and trained in chunks of :func:`chunk_size`, one after another.
-    """
-    if not client_ids:
-        return {}, []
-    algorithm = _builtin()[type(federation.client)]
-    client = federation.client
-    contexts = [federation.context(k, round_idx, "train", Stream.TRAIN) for k in client_ids]
-    work = work or {}
-    plans = [algorithm.plan(federation, ctx, work.get(k, 1.0)) for k, ctx in zip(client_ids, contexts, strict=True)]
-    for k, plan in zip(client_ids, plans, strict=True):
-        if not plan:
-            raise ValueError(
-                f"client {k} has no local batch in round {round_idx}: the vectorized executor needs at least one;"
-                " use `Federation(executor='sequential')`."
-            )
-    stacked = sorted(range(len(client_ids)), key=lambda i: -len(plans[i]))  # stable: ties keep the caller's order
-    chunk = chunk_size(federation, len(client_ids))
-    results: dict[int, tuple[Message | None, Tensor]] = {}
-    last = len(client_ids) - 1  # the caller's last client leaves the client module as sequential training does
-    last_run: tuple[Round, int] | None = None
-    for lo in range(0, len(stacked), chunk):
-        members = stacked[lo : lo + chunk]
-        run = _run_chunk(
-            federation,
-            algorithm,
-            round_idx,
-            [client_ids[i] for i in members],
-            [contexts[i] for i in members],
-            [plans[i] for i in members],
-        )
-        for c, i in enumerate(members):
-            results[i] = algorithm.upload(run, c), run.loss_sum[c]
-            if i == last:
-                last_run = run, c
-    if last_run is not None:  # after every chunk: a later chunk's prologue may use the client module (FEDORA)
-        run, c = last_run
-        algorithm.finish_client(run, c)
-        client.context = run.contexts[c]
-    uploads: dict[int, Message] = {}
-    losses: list[Tensor] = []
-    for i, k in enumerate(client_ids):
-        upload, loss = results[i]
-        if upload is not None:
-            uploads[k] = upload
-        losses.append(loss)
-    return uploads, losses
-
-
-def _run_chunk(
-    federation: Federation,
-    algorithm: VectorizedAlgorithm,
-    round_idx: int,
-    client_ids: list[int],
-    contexts: list[ClientContext],
-    plans: list[Plan],
-) -> Round:
-    """Train one chunk of clients (sorted by steps, descending); store their state; ``loss_sum`` holds mean losses."""
-    client = federation.client
-    run = Round(
-        federation=federation,
-        round_idx=round_idx,
-        client_ids=client_ids,
-        contexts=contexts,
-        messages=[federation.server.message_for(k) for k in client_ids],
-        steps=[len(p) for p in plans],
-        names=[n for n, v in client.net.state_dict().items() if v.is_floating_point()],
-        trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
-    )
-    pool = _pool(federation.data)
-    dtype = next(iter(client.net.parameters())).dtype
-    run.batches = _stack_plans(plans, [pool.offsets[k] for k in client_ids], pool.pad, dtype)
-    algorithm.begin(run)
-    run.extra["forward"] = batched_forward(client.net)
-    run.loss_sum = torch.zeros(len(client_ids), dtype=dtype, device=federation.device)
-    for t in range(run.steps[0]):
-        m = run.active(t)
-        run.loss_sum[:m] += algorithm.train_step(run, t, m).to(run.loss_sum.dtype)
-    run.loss_sum /= torch.tensor(run.steps, dtype=dtype, device=federation.device)
-    finite = torch.isfinite(run.loss_sum)
-    for c, k in enumerate(client_ids):
-        if not bool(finite[c]):
-            raise FloatingPointError(
-                f"client {k} produced a non-finite training loss ({float(run.loss_sum[c])}) in round"
-                f" {round_idx}: lower the learning rate (`--model.client.init_args.lr`) or use float32"
-                " precision. The last good checkpoint is kept; resume from it with `--ckpt_path last`."
-            )
-        federation.store.put(k, algorithm.client_state(run, c))
-    return run
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
 def eval_unsupported_reason(federation: Federation) -> str | None:
     """Why the vectorized executor cannot personalize and evaluate this federation's clients (None: it can).
 
-    It can when it trains the client class (:func:`unsupported_reason`, less the optimizer) and the class's
-    personalization is data: ``personalize`` is the base class's, which runs ``personalization_plan``, or a
-    built-in fine-tuning; ``evaluate`` and ``forward`` are the base class's.
+    It can when the class's personalization is data (``personalize`` is the base class's, which runs
+    ``personalization_plan``), ``evaluate`` and ``forward`` are the base class's, the precision is ``32-true``
+    and the network has no running statistics, batch norm or dropout.
     """
-    client = federation.client
-    cls = type(client)
-    if cls not in _builtin():
-        served = ", ".join(sorted({c.__name__ for c in _builtin()}))
-        return f"`{cls.__name__}` has no vectorized implementation (served: {served})"
+    cls = type(federation.client)
     if cls.personalize is not ClientModule.personalize:
         return (
             f"`{cls.__name__}.personalize` is its own code, run client by client: describe a plain SGD fine-tuning"
@@ -1021,10 +691,7 @@ def eval_unsupported_reason(federation: Federation) -> str | None:
     for hook in ("evaluate", "forward"):
         if getattr(cls, hook) is not getattr(ClientModule, hook):
             return f"`{cls.__name__}.{hook}` is its own code, run client by client"
-    precision = str(getattr(federation.trainer, "precision", "32-true"))
-    if precision not in ("32-true", "32"):
-        return f"the Trainer's precision is {precision!r}; the vectorized executor runs '32-true' only"
-    return _network_reason(client.net)
+    return _precision_reason(federation) or _network_reason(federation.client.net)
 
 
 Counts = tuple[int, int, float]  # correct predictions, samples, summed cross-entropy
@@ -1063,6 +730,7 @@ def evaluate_clients(
     starts, plans, lrs = [], [], []
     for k, ctx in zip(client_ids, contexts, strict=True):  # exactly the sequential prologue
         client.context = ctx
+        client.round_state = {}
         client.receive(federation.server.message_for(k))
         client.load_client_state(None if ctx.new_client else federation.store.get(k, device))
         starts.append(float_state(client.net))
@@ -1080,13 +748,35 @@ def evaluate_clients(
             groups[-1].append(i)
         else:
             groups.append([i])
-    step = VectorizedAlgorithm(fused=_builtin()[type(client)].fused)
+    forward = batched_forward(client.net)
+    own = client.net.state_dict()
+    pool = _pool(federation.data)
+    dtype = next(iter(client.net.parameters())).dtype
+    sgd = (torch.optim.SGD, _sgd_hyper(torch.optim.SGD([torch.zeros(1)], lr=1.0)))  # `fine_tune`'s fresh SGD
     personal: dict[int, Counts] = {}
     last = len(client_ids) - 1
+    was_training = client.net.training
     for group in groups:
-        run = _fine_tune_chunk(federation, step, round_idx, group, client_ids, contexts, starts, plans, lrs, names)
-        forward = run.extra.get("forward") or batched_forward(client.net)
         ids = [client_ids[i] for i in group]
+        run = Chunk(
+            client_ids=ids,
+            steps=[len(plans[i]) for i in group],
+            names=names,
+            trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
+            state={n: torch.stack([starts[i][n] for i in group]).to(device=device, dtype=own[n].dtype) for n in names},
+            round_state={},
+        )
+        if run.steps[0] > 0:
+            run.batches = _stack_plans(
+                [[(b,) for b in plans[i]] for i in group], [pool.offsets[k] for k in ids], pool.pad, dtype
+            )
+            stepper = Stepper(
+                federation, run, _fine_tune_objective(client), (sgd[0], {**sgd[1], "lr": lrs[group[0]]}), True
+            )
+            client.net.train()
+            for t in range(run.steps[0]):
+                stepper.step(t, run.active(t))
+            client.net.train(was_training)
         personal.update(zip(ids, _count(federation, ids, stage, lambda x: forward(run.state, x)), strict=True))  # noqa: B023
         if last in group:
             c = group.index(last)
@@ -1095,53 +785,13 @@ def evaluate_clients(
     return {k: personal[k] for k in client_ids}, global_counts
 
 
-def _fine_tune_chunk(
-    federation: Federation,
-    step: VectorizedAlgorithm,
-    round_idx: int,
-    group: list[int],
-    client_ids: list[int],
-    contexts: list[ClientContext],
-    starts: list[dict[str, Tensor]],
-    plans: list[list[Tensor]],
-    lrs: list[float],
-    names: list[str],
-) -> Round:
-    """Stack the start weights of ``group`` (indices, most fine-tuning steps first) and fine-tune them at once."""
-    client = federation.client
-    run = Round(
-        federation=federation,
-        round_idx=round_idx,
-        client_ids=[client_ids[i] for i in group],
-        contexts=[contexts[i] for i in group],
-        messages=[None] * len(group),
-        steps=[len(plans[i]) for i in group],
-        names=names,
-        trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
-    )
-    run.state = _stack_like([starts[i] for i in group], run)
-    if run.steps[0] == 0:
-        return run
-    pool = _pool(federation.data)
-    dtype = next(iter(client.net.parameters())).dtype
-    batch_plans = [[(b,) for b in plans[i]] for i in group]
-    run.batches = _stack_plans(batch_plans, [pool.offsets[k] for k in run.client_ids], pool.pad, dtype)
-    run.extra["sgd"] = {  # `fine_tune`'s optimizer: a fresh torch.optim.SGD with only a learning rate
-        "lr": lrs[group[0]],
-        "momentum": 0.0,
-        "dampening": 0.0,
-        "weight_decay": 0.0,
-        "nesterov": False,
-        "maximize": False,
-    }
-    run.extra["forward"] = batched_forward(client.net)
-    run.extra["fused"] = step._fused_layers(run)
-    was_training = client.net.training
-    client.net.train()
-    for t in range(run.steps[0]):
-        step.train_step(run, t, run.active(t))
-    client.net.train(was_training)
-    return run
+def _fine_tune_objective(client: ClientModule) -> Objective:
+    """``ClientModule.fine_tune``'s loss: the batch's cross-entropy at ``params``, in float32."""
+
+    def objective(params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> Tensor:
+        return cross_entropy(client.net_forward(params, batch.x).float(), batch)
+
+    return objective
 
 
 def _shared_forward(net: nn.Module, state: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -1179,8 +829,9 @@ def _count(
 
 
 __all__ = [
-    "Round",
-    "VectorizedAlgorithm",
+    "ELEMENTWISE_OPTIMIZERS",
+    "Chunk",
+    "Stepper",
     "batched_forward",
     "chunk_size",
     "cpu_chunk",
@@ -1188,9 +839,9 @@ __all__ = [
     "evaluate_clients",
     "masked_cross_entropy",
     "plan_batches",
-    "register",
     "sgd_update_",
     "stack_states",
+    "stack_tree",
     "train_clients",
     "unsupported_reason",
 ]

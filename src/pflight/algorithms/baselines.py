@@ -5,24 +5,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch  # noqa: F401  (used by the doctests)
-from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
+from torch import nn
 from typing_extensions import override
 
-from pflight.client import ClientContext, ClientModule, FineTune, OptimizerCallable, float_state, load_float_state
+from pflight.client import (
+    ClientContext,
+    ClientModule,
+    FineTune,
+    OptimizerCallable,
+    float_state,
+    load_float_state,
+    proximal_term,
+)
 from pflight.messages import Message
 from pflight.server import FedAvgServer, NoServer, Server
-
-
-def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu: float) -> Tensor:
-    """FedProx's ``(mu / 2) * ||theta - theta_anchor||^2`` summed over tensors.
-
-    >>> proximal_term({"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([0.0, 1.0])}, mu=0.5).item()
-    1.25
-    """
-    total = sum(((p - anchor[name]) ** 2).sum() for name, p in params.items())
-    return 0.5 * mu * total  # type: ignore[return-value]
 
 
 class LocalOnly(ClientModule):
@@ -149,7 +145,7 @@ class FedAvgFT(FedAvg):
 
 
 class FedProx(FedAvg):
-    """FedProx (Li et al. 2020): local CE plus ``(mu/2) ||theta - theta_global||^2``.
+    """FedProx (Li et al. 2020): local CE plus ``(mu/2) ||theta - theta_global||^2`` (:meth:`ClientModule.loss`).
 
     Args:
         mu: proximal coefficient (0 is FedAvg).
@@ -173,23 +169,13 @@ class FedProx(FedAvg):
         )
         if mu < 0:
             raise ValueError(f"`FedProx(mu={mu})` must be >= 0.")
-        self.mu = mu
-        self._anchor: dict[str, Tensor] = {}
+        self.mu = self.proximal_mu = mu
 
     @override
     def receive(self, message: Message | None) -> None:
-        """Load the global model and keep it as the proximal anchor."""
+        """Load the global model and keep it as the proximal anchor (``round_state["anchor"]``)."""
         super().receive(message)
-        self._anchor = {n: p.detach().clone() for n, p in self.net.named_parameters()}
-
-    @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """CE plus the proximal term."""
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        if self.mu > 0:
-            loss = loss + proximal_term(dict(self.net.named_parameters()), self._anchor, self.mu).to(loss.dtype)
-        return loss
+        self.round_state["anchor"] = {n: p.detach().clone() for n, p in self.net.named_parameters()}
 
 
 __all__ = ["FedAvg", "FedAvgFT", "FedProx", "LocalOnly", "proximal_term"]

@@ -208,7 +208,7 @@ def fedora_pull(
     previous: Mapping[str, Tensor],
     received: Mapping[str, Tensor],
     lr: float,
-    lam: float,
+    lam: float | Tensor,
 ) -> dict[str, Tensor]:
     """The post-step pull ``theta - lr * lam * (theta_prev - theta_hat)``, applied outside the optimizer.
 
@@ -398,10 +398,6 @@ class Fedora(ClientModule):
         self.signature_rank = signature_rank
         self.new_client_labels = new_client_labels
         self.new_client_epochs = new_client_epochs
-        self.received: dict[str, Tensor] = {}
-        self.lam = 0.0
-        self.val_losses = (float("nan"), float("nan"))  # (personal, received)
-        self._previous: dict[str, Tensor] = {}
 
     @override
     def configure_server(self) -> Server:
@@ -416,11 +412,33 @@ class Fedora(ClientModule):
         return Message("signature", {"u": u}, n_samples=len(x))
 
     # ------------------------------------------------------------------ round hooks
+    # the client's round (round_state): theta_hat_k, lambda_k and the two validation losses
+    @property
+    def received(self) -> dict[str, Tensor]:
+        """theta_hat_k, the pull's target (``round_state["received"]``)."""
+        return self.round_state.get("received", {})
+
+    @property
+    def lam(self) -> float:
+        """lambda_k of the current client's round (``round_state["lam"]``)."""
+        return float(self.round_state.get("lam", 0.0))
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self.round_state["lam"] = torch.tensor(float(value), dtype=torch.float64)
+
+    @property
+    def val_losses(self) -> tuple[float, float]:
+        """The personal model's and theta_hat_k's validation losses (nan before ``on_local_train_start``)."""
+        losses = self.round_state.get("val_losses")
+        return (float("nan"), float("nan")) if losses is None else (float(losses[0]), float(losses[1]))
+
     @override
     def receive(self, message: Message | None) -> None:
         """Keep theta_hat_k as the pull's target (the personal model comes from the client state)."""
         device = self.context.device if self.context is not None else torch.device("cpu")
-        self.received = {k: v.to(device) for k, v in message.tensors.items()} if message is not None else {}
+        if message is not None:
+            self.round_state["received"] = {k: v.to(device) for k, v in message.tensors.items()}
 
     @override
     def load_client_state(self, state: Mapping[str, Any] | None) -> None:
@@ -450,28 +468,16 @@ class Fedora(ClientModule):
         """Choose lambda_k from validation losses, before any local step."""
         if not self.received:
             raise ValueError("`Fedora` got no theta_hat from the server: use `FedoraServer` (the default).")
-        self.val_losses = self.validation_losses("val")
-        self.lam = selective_lambda(*self.val_losses, divisor=self.lambda_divisor, max_lambda=self.max_lambda)
+        losses = self.validation_losses("val")
+        self.round_state["val_losses"] = torch.tensor(losses, dtype=torch.float64)
+        self.lam = selective_lambda(*losses, divisor=self.lambda_divisor, max_lambda=self.max_lambda)
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """CE on the minibatch; remembers the pre-step parameters for the pull."""
-        if self.lam > 0:
-            self._previous = float_state(self.net)
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    @override
-    def on_local_step_end(self) -> None:
+    def after_local_step(
+        self, params: Mapping[str, Tensor], before: Mapping[str, Tensor], state: Mapping[str, Any]
+    ) -> Mapping[str, Tensor]:
         """The pull ``theta -= lr * lambda_k * (theta_prev - theta_hat_k)``, after the optimizer step."""
-        if self.lam <= 0:
-            return
-        with torch.no_grad():
-            own = self.net.state_dict(keep_vars=True)
-            current = {name: own[name].detach() for name in self._previous}
-            pulled = fedora_pull(current, self._previous, self.received, self.lr, self.lam)
-            for name, value in pulled.items():
-                own[name].copy_(value)
+        return fedora_pull(params, before, state["received"], self.lr, state["lam"])
 
     @override
     def client_state(self) -> dict[str, Any]:
@@ -508,11 +514,14 @@ class Fedora(ClientModule):
         self.net.train()
         with torch.enable_grad(), torch.autocast(self.context.device.type, enabled=False):  # float32 adaptation
             for x, y in self.context.batches("train", epochs=epochs):
+                before = float_state(self.net)
                 loss = self.training_step((x, y), 0).float()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                self.on_local_step_end()
+                with torch.no_grad():
+                    params = {n: t.detach() for n, t in self.params().items()}
+                    load_float_state(self.net, self.after_local_step(params, before, self.round_state))
         self.net.train(was_training)
 
 

@@ -202,7 +202,6 @@ class Reptile(ClientModule):
         self.finetune_steps = finetune_steps
         self.finetune_epochs = finetune_epochs
         self.finetune_lr = finetune_lr
-        self._anchor: dict[str, Tensor] = {}
         self._saved_optimizer: dict[str, Any] | None = None  # to restore at this round's first step
         self._used_optimizer: torch.optim.Optimizer | None = None
 
@@ -215,13 +214,20 @@ class Reptile(ClientModule):
     def receive(self, message: Message | None) -> None:
         """Load φ and keep it to form Δ."""
         super().receive(message)
-        self._anchor = float_state(self.net)
+        self.round_state["phi"] = float_state(self.net)
 
     @override
     def load_client_state(self, state: Mapping[str, Any] | None) -> None:
         """The local optimizer state of the client's last round (with ``persist_optimizer_state``)."""
         self._saved_optimizer = state.get("optimizer") if state is not None else None
         self._used_optimizer = None
+
+    @override
+    def vectorized_reason(self) -> str | None:
+        """Vectorized unless the local optimizer state persists (its step is then plain SGD's)."""
+        if self.persists():
+            return f"`{type(self).__name__}(persist_optimizer_state=True)` keeps per-client optimizer state"
+        return None
 
     def persists(self) -> bool:
         """Whether this round's local optimizer state is kept per client."""
@@ -253,7 +259,8 @@ class Reptile(ClientModule):
         """Δ = W − φ for every float state entry."""
         assert self.context is not None
         now = float_state(self.net)
-        delta = {n: now[n] - self._anchor[n] for n in now}
+        phi = self.round_state["phi"]
+        delta = {n: now[n] - phi[n] for n in now}
         return Message("delta", delta, n_samples=self.context.data.num_samples("train"))
 
     @override
