@@ -375,6 +375,15 @@ class ClientModule(pl.LightningModule):
     def on_local_train_start(self) -> None:
         """Called when a client's local training starts (after receive and load_client_state)."""
 
+    def step_batches(self, ctx: ClientContext, batches: Iterator[Any]) -> Iterator[Any]:
+        """What each local step receives, given the federation's local batches of client ``ctx.client_id``.
+
+        The federation's batches (``batches_per_step`` of them per step) pace the local steps; by default each
+        step gets them. An algorithm that draws its own batches (MAML's support and query views) yields those
+        instead, drawing from ``ctx.generator``; executors replay it on sample indices, so draw through ``ctx``.
+        """
+        return batches
+
     def params(self) -> dict[str, Tensor]:
         """The network's floating-point tensors by state-dict name (parameters and float buffers), live."""
         return _Live((n, t) for n, t in self.net.state_dict(keep_vars=True).items() if t.is_floating_point())

@@ -552,7 +552,7 @@ class Federation(pl.LightningModule):
             client.on_local_train_start()
             total: Tensor | None = None
             steps = 0
-            for batch_idx, batch in enumerate(self.local_batches(ctx, work)):
+            for batch_idx, batch in enumerate(client.step_batches(ctx, self.local_batches(ctx, work))):
                 before = float_state(client.net) if post_step else None
                 out = client.training_step(batch, batch_idx)
                 if isinstance(out, dict):  # extra keys reach the round's metrics, like `self.log`

@@ -528,15 +528,24 @@ def _sgd_hyper(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- training
 def _plan(federation: Federation, ctx: ClientContext, work: float) -> Plan:
-    """Client ``ctx.client_id``'s local steps as index tensors into its train split, in the sequential order."""
+    """Client ``ctx.client_id``'s local steps as index tensors into its train split, in the sequential order.
+
+    Each step's batches as ``client.step_batches`` gives them (the federation's local batches by default),
+    replayed on a context whose samples are their own indices.
+    """
     client = federation.client
-    if client.batches_per_step == 1:
+    if client.batches_per_step == 1 and type(client).step_batches is ClientModule.step_batches:
         n = ctx.data.num_samples("train")
         plan = plan_batches(n, ctx.batch_size, ctx.generator, client.local_epochs, client.local_steps)
         if work < 1.0:
             plan = plan[: max(1, math.ceil(len(plan) * work))]
         return [(b,) for b in plan]
-    return [tuple(x for x, _ in group) for group in federation.local_batches(_index_context(ctx), work)]
+    index_ctx = _index_context(ctx)
+    steps: Plan = []
+    for batch in client.step_batches(index_ctx, federation.local_batches(index_ctx, work)):
+        group = (batch,) if len(batch) == 2 and isinstance(batch[0], Tensor) else batch
+        steps.append(tuple(idx for idx, _ in group))
+    return steps
 
 
 def train_clients(
