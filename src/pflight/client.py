@@ -391,7 +391,7 @@ class ClientModule(pl.LightningModule):
     def net_forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """The network's logits at weights ``params`` (any subset of :meth:`params`' names; the rest: the network's)."""
         if isinstance(params, _Live):
-            return self.net(x)
+            return self(x)
         return functional_call(self.net, dict(params), (x,))
 
     def loss(self, params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> Tensor | dict[str, Tensor]:
@@ -431,11 +431,12 @@ class ClientModule(pl.LightningModule):
         """Why this client's local training cannot run vectorized (None: it can).
 
         It can when its step is :meth:`loss` (and :meth:`after_local_step`): a class that overrides
-        ``training_step``, ``local_optimizer_step`` or ``on_local_step_end`` has per-step code of its own.
+        ``training_step``, ``local_optimizer_step``, ``on_local_step_end`` or ``forward`` has per-step code of its
+        own.
         Override to refuse for a reason of the algorithm's own (and call ``super()``).
         """
         cls = type(self)
-        for hook in ("training_step", "local_optimizer_step", "on_local_step_end"):
+        for hook in ("training_step", "local_optimizer_step", "on_local_step_end", "forward"):
             if getattr(cls, hook) is not getattr(ClientModule, hook):
                 return (
                     f"`{cls.__name__}.{hook}` is per-step code of its own, run client by client (write the local"
