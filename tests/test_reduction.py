@@ -1,4 +1,4 @@
-"""Aggregation by reduction: per-process `partial_sum`s, added and given to `apply_sum`, equal `update`."""
+"""Aggregation by reduction: per-process running sums, added and given to `apply_sum`, equal `update`."""
 
 from functools import partial
 from types import SimpleNamespace
@@ -34,16 +34,20 @@ def make_uploads(kind: str, n_samples: list[int], seed: int) -> dict[int, Messag
 
 
 def reduce(server: Server, uploads: dict[int, Message], round_idx: int) -> None:
-    """What the federation does with several processes, every process's share computed here in turn."""
-    n_samples = {k: m.n_samples for k, m in uploads.items()}
-    layout = state_layout(next(iter(uploads.values())).tensors)
-    dtype = torch.float64 if any(d == torch.float64 for _, _, d in layout) else torch.float32
-    total = torch.zeros(sum(v.numel() for v in uploads[0].tensors.values()), dtype=dtype)
+    """What the federation does with several processes, every process's running sum made here in turn."""
+    sums = []
     for split in SPLITS:
-        mine = {k: uploads[k] for k in split}
-        share = server.partial_sum(mine, n_samples) if mine else {}
-        total += flatten_state(share, layout, dtype, torch.device("cpu"))  # the all_reduce
-    server.apply_sum(unflatten_state(total, layout), uploads[0].kind, round_idx)
+        running = server.running_sum()
+        for k in split:
+            running.add(uploads[k])
+        sums.append(running)
+    layout = state_layout(uploads[0].tensors)
+    dtype = torch.float64 if any(d == torch.float64 for _, _, d in layout) else torch.float32
+    weight, count = sum(r.weight for r in sums), sum(r.count for r in sums)  # the first all_reduce
+    plain = weight == 0
+    flat = sum(flatten_state((r.plain or {}) if plain else r.total, layout, dtype, torch.device("cpu")) for r in sums)
+    mean = unflatten_state(flat / (count if plain else weight), layout)  # the second all_reduce, divided
+    server.apply_sum(mean, uploads[0].kind, round_idx)
 
 
 CASES = {
@@ -89,11 +93,25 @@ def test_base_server_is_not_reducible():
     """A server that needs every client's upload (the default) keeps the gather path."""
     assert not Server().reducible
     with pytest.raises(NotImplementedError, match="not reducible"):
-        Server().partial_sum({}, {})
+        Server().running_sum()
 
 
-def test_partial_sum_rejects_mixed_kinds():
+def test_running_sum_rejects_mixed_kinds():
     """Mixed upload kinds are refused by the reduction as by `update`."""
-    uploads = {0: make_uploads("weights", [1], 0)[0], 1: make_uploads("delta", [1], 0)[0]}
+    running = FedAvgServer().running_sum()
+    running.add(make_uploads("weights", [1], 0)[0])
     with pytest.raises(ValueError, match="got kinds"):
-        FedAvgServer().partial_sum(uploads, {0: 1, 1: 1})
+        running.add(make_uploads("delta", [1], 0)[0])
+
+
+def test_running_sum_holds_one_model_whatever_the_number_of_uploads():
+    """Folding in 1 or 200 uploads keeps the same tensors: the sum of one model (and no copy of an upload)."""
+    sizes = []
+    for n in (1, 200):
+        running = FedAvgServer().running_sum()
+        for message in make_uploads("weights", [k + 1 for k in range(n)], seed=n).values():
+            running.add(message)
+        sizes.append(
+            sum(t.numel() for t in running.total.values()) + sum(t.numel() for t in (running.plain or {}).values())
+        )
+    assert sizes[0] == sizes[1] == sum(v.numel() for v in initial_state().values())

@@ -20,7 +20,7 @@ from pflight.data.datamodule import FederatedDataModule
 from pflight.messages import Message
 from pflight.metrics import PersonalizedAccuracy, personalized_summary
 from pflight.prediction import PredictionTable, predict_clients
-from pflight.server import Server, flatten_state, state_layout, unflatten_state
+from pflight.server import RunningSum, Server, flatten_state, unflatten_state
 from pflight.store import ClientStateStore
 from pflight.streams import Stream, stream_seed
 
@@ -298,6 +298,7 @@ class Federation(pl.LightningModule):
         self.eval_clients = eval_clients
         self._last_round = False  # set before each round: the last round of fit evaluates every client
         self._fallback_reason: str | None = None
+        self._running: RunningSum | None = None  # the round's running sum of uploads (reducible servers)
         self._auto: dict[str, tuple[str, str]] = {}  # "train"/"eval" -> (executor, why), chosen once under auto
         self._eval_fallback_reason: str | None = None
         self.last_eval_executor: str | None = None  # which executor ran the last evaluation
@@ -589,7 +590,7 @@ class Federation(pl.LightningModule):
         for k in client_ids:
             upload, loss = self.train_client(k, round_idx, work.get(k, 1.0))
             if upload is not None:
-                uploads[k] = upload
+                uploads[k] = self.collect_upload(k, upload)
             if loss is not None:
                 losses.append(loss)
         return uploads, losses
@@ -666,14 +667,16 @@ class Federation(pl.LightningModule):
         mine = self.shard(active)
         train = self._train_vectorized if self.executor_for("train") == "vectorized" else self._train_sequential
         self.client.logs = client_logs = ClientLogs()
+        self._running = self.server.running_sum() if self.server.reducible else None
         try:
             uploads, losses = train(mine, round_idx, work)
         finally:
             self.client.logs = None
         local_s = time.perf_counter() - start
         agg_start = time.perf_counter()
-        if self.trainer.world_size > 1 and self.server.reducible:
-            reported = self.reduce_uploads(uploads, round_idx)
+        running, self._running = self._running, None
+        if running is not None:
+            reported = self.reduce_uploads(uploads, running, round_idx)
         else:
             uploads = self.gather_uploads(uploads)
             reported = {k: dict(m.metrics) for k, m in uploads.items()}
@@ -727,23 +730,39 @@ class Federation(pl.LightningModule):
             for name, clients in sorted(per_client.items())
         }
 
-    def reduce_uploads(self, uploads: dict[int, Message], round_idx: int) -> dict[int, dict[str, float]]:
-        """Aggregate a reducible server's round without moving uploads: returns every reporting client's metrics.
+    def collect_upload(self, client_id: int, message: Message) -> Message:
+        """Called by the executors with each client's upload as it is made; returns what the round keeps of it.
 
-        One ``all_gather_object`` of small things (per client: sample count and metrics; per process: its
-        uploads' kind and layout), then each process sums its own uploads (:meth:`Server.partial_sum`), one
-        ``all_reduce`` of a flat buffer (float32, float64 if an entry is) adds the sums, and every process
-        applies the total (:meth:`Server.apply_sum`). Equal to :meth:`Server.update` on all the uploads up to
+        A reducible server's uploads are folded into the round's running sum at once (:class:`RunningSum`: the
+        memory of one model, whatever the number of clients per round) and only their sample count and metrics
+        are kept; other servers keep the whole message for :meth:`Server.update`.
+        """
+        if self._running is None:
+            return message
+        self._running.add(message)
+        return Message(message.kind, {}, message.n_samples, dict(message.metrics))
+
+    def reduce_uploads(
+        self, uploads: dict[int, Message], running: RunningSum, round_idx: int
+    ) -> dict[int, dict[str, float]]:
+        """Aggregate a reducible server's round from the processes' running sums: every reporting client's metrics.
+
+        In one process the mean of the running sum goes to :meth:`Server.apply_sum`. With several, one
+        ``all_gather_object`` of small things (per client: its metrics; per process: its uploads' kind and layout),
+        one ``all_reduce`` of the summed weights and counts, and one of a flat buffer (float32, float64 if an entry
+        is) of the sums; every process applies the mean. Equal to :meth:`Server.update` on all the uploads up to
         float summation order.
         """
-        first = next(iter(uploads.values()), None)
-        layout = None if first is None else (first.kind, state_layout(first.tensors))
-        parts: list[Any] = [None] * self.trainer.world_size
-        clients = {k: (m.n_samples, dict(m.metrics)) for k, m in uploads.items()}
-        torch.distributed.all_gather_object(parts, (clients, layout))
-        reported = dict(sorted(item for clients, _ in parts for item in clients.items()))
-        layouts = [lay for _, lay in parts if lay is not None]
-        if not reported:  # every process knows it: none of them enters the all_reduce
+        world = self.trainer.world_size
+        reported = {k: dict(m.metrics) for k, m in uploads.items()}
+        layouts = [None if running.layout is None else (running.kind, running.layout)]
+        if world > 1:
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, (reported, layouts[0]))
+            reported = dict(sorted(item for clients, _ in parts for item in clients.items()))
+            layouts = [lay for _, lay in parts]
+        layouts = [lay for lay in layouts if lay is not None]
+        if not layouts:  # every process knows it: none of them enters the all_reduce
             if self.server.global_message() is not None:
                 rank_zero_warn(f"round {round_idx}: no client reported; the server keeps the previous model.")
             return {}
@@ -753,14 +772,21 @@ class Federation(pl.LightningModule):
                 f" `{type(self.server).__name__}` aggregates by reduction only uploads of one kind and layout."
             )
         kind, entries = layouts[0]
-        dtype = torch.float64 if any(d == torch.float64 for _, _, d in entries) else torch.float32
         with torch.autocast(self.device.type, enabled=False):  # server math in full precision
-            mine = self.server.partial_sum(uploads, {k: n for k, (n, _) in reported.items()}) if uploads else {}
-            flat = flatten_state(mine, entries, dtype, self.device)  # (total numel,)
-            del mine
-            torch.distributed.all_reduce(flat)
-            self.server.apply_sum(unflatten_state(flat, entries), kind, round_idx)
-        return {k: metrics for k, (_, metrics) in reported.items()}
+            if world == 1:
+                mean = running.mean()
+            else:
+                totals = torch.tensor([running.weight, float(running.count)], dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(totals)
+                plain = float(totals[0]) == 0.0  # every count was 0: the uniform mean, as `update` falls back
+                sums = (running.plain or {}) if plain else running.total
+                dtype = torch.float64 if any(d == torch.float64 for _, _, d in entries) else torch.float32
+                flat = flatten_state(sums, entries, dtype, self.device)  # (total numel,)
+                torch.distributed.all_reduce(flat)
+                flat /= totals[1 if plain else 0].to(dtype)
+                mean = unflatten_state(flat, entries)
+            self.server.apply_sum(mean, kind, round_idx)
+        return reported
 
     def gather_uploads(self, uploads: dict[int, Message]) -> dict[int, Message]:
         """Collect every process's uploads (identity in a single process), sorted by client id."""

@@ -149,6 +149,62 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
         group.update(mine)
 
 
+class RunningSum:
+    """A round's uploads folded in as they arrive: ``sum_k c_k * upload_k`` and ``sum_k c_k``, one model's memory.
+
+    ``c_k`` is the client's sample count when ``weighted``, else 1. :meth:`mean` is FedAvg's (weighted) mean, up to
+    float summation order; when every count is 0 it is the uniform mean, as :func:`aggregation_weights` falls back.
+    Sums of disjoint groups of clients add up (processes combine theirs with ``all_reduce``).
+
+    >>> acc = RunningSum()
+    >>> for w, n in ((1.0, 1), (3.0, 3)):
+    ...     acc.add(Message("weights", {"w": torch.tensor([w])}, n_samples=n))
+    >>> acc.mean()["w"].tolist(), acc.weight, acc.count
+    ([2.5], 4.0, 2)
+    """
+
+    def __init__(self, weighted: bool = True, kinds: Sequence[str] = ("weights", "delta", "gradient")) -> None:
+        self.weighted = weighted
+        self.kinds = tuple(kinds)
+        self.kind: str | None = None
+        self.layout: Layout | None = None
+        self.total: dict[str, Tensor] = {}
+        self.plain: dict[str, Tensor] | None = {}  # the unweighted sum, kept while every count so far is 0
+        self.weight = 0.0
+        self.count = 0
+
+    def add(self, message: Message) -> None:
+        """Fold one upload in."""
+        if message.kind not in self.kinds or (self.kind is not None and message.kind != self.kind):
+            raise ValueError(
+                f"`FedAvgServer` aggregates weights, delta or gradient uploads of one kind, got kinds"
+                f" {sorted({message.kind, self.kind or message.kind})}."
+            )
+        if self.layout is None:
+            self.kind, self.layout = message.kind, state_layout(message.tensors)
+        c = float(message.n_samples) if self.weighted else 1.0
+        for name, t in message.tensors.items():
+            value = t.detach().to(torch.promote_types(t.dtype, torch.float32))
+            if c != 0:
+                if name in self.total:
+                    self.total[name].add_(value, alpha=c)
+                else:
+                    self.total[name] = value * c
+            if self.plain is not None:
+                self.plain[name] = self.plain[name].add_(value) if name in self.plain else value.clone()
+        self.weight += c
+        self.count += 1
+        if self.weight > 0:
+            self.plain = None
+
+    def mean(self) -> dict[str, Tensor]:
+        """The (weighted) mean of the uploads folded in, each entry in its upload's dtype."""
+        if self.layout is None:
+            raise ValueError("`RunningSum.mean()` of no upload.")
+        sums, divisor = (self.total, self.weight) if self.weight > 0 else (self.plain or {}, float(self.count))
+        return {name: (sums[name] / divisor).to(dtype) for name, _, dtype in self.layout}
+
+
 class Server:
     """Base class of server rules. Hooks do nothing until overridden.
 
@@ -181,16 +237,16 @@ class Server:
         """
         return False
 
-    def partial_sum(self, uploads: Mapping[int, Message], n_samples: Mapping[int, int]) -> dict[str, Tensor]:
-        """Called on each process of a reducible server with its own uploads: its share of the aggregate.
+    def running_sum(self) -> RunningSum:
+        """Called at round start on a reducible server: the accumulator its uploads are folded into as they arrive.
 
-        ``n_samples`` holds the sample count of every client that reported, on any process. The shares of all
-        processes, added entry by entry, are given to :meth:`apply_sum`.
+        Each process folds in its own clients' uploads; the processes' sums are added (``all_reduce``) and the
+        mean is given to :meth:`apply_sum`.
         """
         raise NotImplementedError(f"`{type(self).__name__}` is not reducible: it aggregates in `update`.")
 
     def apply_sum(self, total: Mapping[str, Tensor], kind: str, round_idx: int) -> None:
-        """Called at round end with the sum over processes of :meth:`partial_sum` (uploads of ``kind``)."""
+        """Called at round end with the mean of the round's uploads (of ``kind``) over all processes."""
         raise NotImplementedError(f"`{type(self).__name__}` is not reducible: it aggregates in `update`.")
 
     def state_dict(self) -> dict[str, Any]:
@@ -273,17 +329,9 @@ class FedAvgServer(Server):
         """The mean is linear in the uploads (a subclass whose ``update`` looks at each upload must say False)."""
         return True
 
-    def partial_sum(self, uploads: Mapping[int, Message], n_samples: Mapping[int, int]) -> dict[str, Tensor]:
-        """Called per process: ``sum_k w_k * upload_k`` over its own uploads, ``w`` normalized over ``n_samples``.
-
-        The weights are those of :meth:`update` on all the uploads (``n_k / sum(n)`` is exact in float64
-        whatever the order of the sum), so the processes' shares add up to its mean.
-        """
-        msgs = list(uploads.values())
-        self._kind(msgs)
-        ids = list(n_samples)
-        w = dict(zip(ids, aggregation_weights([n_samples[k] for k in ids], self.weighted).tolist(), strict=True))
-        return weighted_sum([m.tensors for m in msgs], [w[k] for k in uploads])
+    def running_sum(self) -> RunningSum:
+        """Called at round start: a (weighted) running sum of the round's uploads."""
+        return RunningSum(self.weighted)
 
     def apply_sum(self, total: Mapping[str, Tensor], kind: str, round_idx: int) -> None:
         """Called at round end with the mean over all processes: applied as ``update`` applies a mean.

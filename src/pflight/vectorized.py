@@ -643,7 +643,7 @@ def train_clients(
             federation.store.put(k, client.client_state())
             upload = client.upload()
             if upload is not None:
-                uploads[k] = upload
+                uploads[k] = federation.collect_upload(k, upload)
             losses[k] = loss_sum[c]
             if i == last:
                 final = {n: w.clone() for n, w in weights.items()}
