@@ -231,9 +231,9 @@ class Server:
     def reducible(self) -> bool:
         """Whether the update is linear in the uploads, so processes may aggregate by ``all_reduce``.
 
-        When True, a federation of several processes calls :meth:`partial_sum` on each process with its
-        own uploads, adds the results over processes and calls :meth:`apply_sum`, instead of gathering every
-        upload to every process for :meth:`update`.
+        When True, the federation folds each upload into :meth:`running_sum` as the client finishes (in every
+        process), adds the processes' sums and calls :meth:`apply_sum` with the mean, instead of keeping every
+        upload (and gathering them to every process) for :meth:`update`.
         """
         return False
 
