@@ -115,3 +115,14 @@ def test_running_sum_holds_one_model_whatever_the_number_of_uploads():
             sum(t.numel() for t in running.total.values()) + sum(t.numel() for t in (running.plain or {}).values())
         )
     assert sizes[0] == sizes[1] == sum(v.numel() for v in initial_state().values())
+
+
+def test_server_optimizer_steps_only_the_uploaded_entries():
+    """Uploads of part of the model (FedPer's body) through a server optimizer move only those entries."""
+    server = FedAvgServer(server_optimizer=partial(torch.optim.SGD, lr=1.0, momentum=0.9))
+    server.setup(SimpleNamespace(client=SimpleNamespace(initial_state=initial_state)))
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    body = {"w": before["w"] + 1.0}
+    server.update({0: Message("weights", body, 3), 1: Message("weights", body, 5)}, 0)
+    torch.testing.assert_close(server.global_state["w"], before["w"] + 1.0)  # lr 1: the mean exactly
+    assert torch.equal(server.global_state["b"], before["b"])

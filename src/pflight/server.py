@@ -358,6 +358,9 @@ class FedAvgServer(Server):
             return
         with torch.no_grad():
             for name, p in self._params.items():
+                if name not in mean:  # not uploaded (a client that shares part of its model): no step
+                    p.grad = None
+                    continue
                 value = mean[name].to(p.device, p.dtype)
                 if kind == "weights":
                     p.grad = p.detach() - value
