@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from pflight.client import ClientContext, load_float_state
 from pflight.data import DataSource, DirichletPartitioner, FederatedDataModule
 from pflight.messages import Message
 from pflight.models import CNN, MLP
+from pflight.store import ClientStateStore
 from tests.conftest import make_trainer, run_federation
 
 NUM_CLIENTS, ROUNDS, SUBSET = 6, 3, 120
@@ -155,6 +157,66 @@ def test_digest_fits_the_consensus() -> None:
     assert gap() < 0.5 * before
 
 
+def _adam_digests(
+    net: torch.nn.Module, x_pub: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], persistent: bool
+) -> dict[str, torch.Tensor]:
+    """Plain PyTorch: digest r shuffles with a generator seeded r, L1 on logits, train mode; one Adam kept
+    across the digests (a model compiled once, as the authors' Keras code), or a fresh Adam for each."""
+    net = copy.deepcopy(net)
+    net.train()
+    adam = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for r, (index, consensus) in enumerate(targets, start=1):
+        if not persistent:
+            adam = torch.optim.Adam(net.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(r)
+        for _ in range(2):  # digest_epochs
+            order = torch.randperm(len(index), generator=g)
+            for start in range(0, len(index), 32):
+                pos = order[start : start + 32]
+                adam.zero_grad()
+                F.l1_loss(net(x_pub[index[pos]]), consensus[pos]).backward()
+                adam.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent-adam", "fresh-adam"])
+def test_two_digests_equal_one_adam_or_a_fresh_adam_each(persistent: bool) -> None:
+    """Two digests of one client (rounds 1 and 2, its state through the store in between) equal, bit for bit,
+    plain PyTorch with one Adam kept across them (persistent_digest_optimizer=True) or a fresh Adam each
+    (False: the previous behaviour, whose client state stays the weights alone); the two differ."""
+    dm = _data()
+    dm.setup()
+    client = _client(digest_epochs=2, digest_lr=1e-2, public_batch_size=32, persistent_digest_optimizer=persistent)
+    client.capture_initial_state()
+    store, k = ClientStateStore(), 2  # client 2: the BatchNorm CNN (buffers move in train mode too)
+    x_pub, y_pub = dm.public
+    g = torch.Generator().manual_seed(5)
+    targets = []
+    for _ in range(2):
+        index = torch.randperm(len(y_pub), generator=g)[:96].sort().values
+        targets.append((index, 4.0 * F.one_hot(y_pub[index], 10).float() - 1.0 + torch.randn(96, 10, generator=g)))
+    start = None
+    for r, (index, consensus) in enumerate(targets, start=1):
+        client.context = ClientContext(k, r, dm.client_data(k), 16, torch.Generator().manual_seed(r), public=dm.public)
+        client.round_state = {}
+        client.load_client_state(store.get(k))
+        if start is None:
+            start = copy.deepcopy(client.nets[client.active])
+        client.digest(index, consensus)
+        store.put(k, client.client_state())
+    assert start is not None
+    expected = _adam_digests(start, x_pub, targets, persistent)
+    other = _adam_digests(start, x_pub, targets, not persistent)
+    trained = client.nets[client.active].state_dict()
+    for name, value in expected.items():
+        assert torch.equal(trained[name], value), name
+    assert max(float((expected[n] - other[n]).abs().max()) for n in expected if n.endswith("weight")) > 1e-4
+    saved = store.get(k)
+    assert set(saved) == ({"weights", "digest_optimizer"} if persistent else {"weights"})
+    if persistent:
+        assert all(float(s["step"]) == 2 * 3 * 2 for s in saved["digest_optimizer"].values())  # 3 batches x 2 epochs
+
+
 @pytest.mark.parametrize(
     ("kind", "oracle"),
     [
@@ -230,7 +292,8 @@ def test_architectures_must_agree_on_the_output_size() -> None:
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Any) -> None:
-    """Stopping after round 2 of 3 and resuming gives the same client models, consensus and next subset."""
+    """Stopping after round 2 of 3 and resuming gives the same client models (the round-3 digest continues
+    each client's checkpointed Adam), consensus and next subset."""
 
     def fit(rounds: int, dirpath: Any, seed: int, ckpt_path: str | None = None) -> Any:
         torch.manual_seed(seed)  # another initialization on resume: the checkpoint must override it
@@ -247,6 +310,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Any) -> None:
     full = fit(3, tmp_path / "a", seed=0)
     fit(2, tmp_path / "b", seed=0)
     resumed = fit(3, tmp_path / "b", seed=1, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert all(full.store.get(k)["digest_optimizer"] for k in range(4))  # the digest's Adam went through the ckpt
     assert torch.equal(full.server.consensus, resumed.server.consensus)
     assert torch.equal(full.server.index, resumed.server.index)
     for k in range(4):

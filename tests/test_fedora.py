@@ -18,6 +18,7 @@ from pflight import Federation
 from pflight.algorithms import FedAvg, LocalOnly
 from pflight.algorithms.fedora import (
     Fedora,
+    FedoraServer,
     data_signature,
     new_client_row,
     principal_angle_similarity,
@@ -236,6 +237,59 @@ def test_server_sends_each_client_its_p_weighted_mix(labeled: bool) -> None:
         assert float(row.sum()) == pytest.approx(1.0)
         assert float(row[0]) == pytest.approx(1 - 0.8)
     assert set(fed.last_evaluation["new"]) == set(new)
+
+
+@pytest.mark.parametrize(
+    ("absent", "reporting"),
+    [("personal", [0, 3]), ("propagated", [0, 3]), ("personal", [0, 1, 2, 3, 4]), ("propagated", [0, 1, 2, 3, 4])],
+    ids=["personal-partial", "propagated-partial", "personal-full", "propagated-full"],
+)
+def test_absent_clients_enter_the_mix_as_configured(absent: str, reporting: list[int]) -> None:
+    """One round: theta_hat_k = sum_j P_kj w_j, w_j the upload of a reporting client and, for an absent one, its
+    latest personal model ("personal") or its last theta_hat ("propagated", the official loop's list); the
+    two differ under partial participation and agree when every client reports."""
+    g = torch.Generator().manual_seed(0)
+    clients = 5
+
+    def model() -> dict[str, torch.Tensor]:
+        return {"w": torch.randn(3, 2, generator=g), "b": torch.randn(3, generator=g)}
+
+    personal, received = {k: model() for k in range(clients)}, {k: model() for k in range(clients)}
+    uploads = {k: model() for k in reporting}
+    signatures = torch.nn.functional.normalize(torch.rand(clients, 12, 1, generator=g), dim=1)
+    server = FedoraServer(absent=absent)
+    server.client_ids = list(range(clients))
+    server.propagation = propagation_matrix(relatedness_graph(signatures, tau=10.0, num_neighbors=2), alpha=0.8)
+    server.personal = {k: dict(v) for k, v in personal.items()}
+    server.received = {k: dict(v) for k, v in received.items()}
+    server.update({k: Message("weights", v) for k, v in uploads.items()}, round_idx=3)
+
+    def reference(absent_source: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        w = [uploads.get(j, absent_source[j]) for j in range(clients)]
+        p = server.propagation
+        return {
+            k: {n: sum(float(p[k, j]) * w[j][n].double() for j in range(clients)) for n in ("w", "b")}
+            for k in range(clients)
+        }
+
+    expected = reference(personal if absent == "personal" else received)
+    other = reference(received if absent == "personal" else personal)
+    gap = 0.0
+    for k in range(clients):
+        for name, value in expected[k].items():
+            torch.testing.assert_close(server.received[k][name].double(), value, rtol=1e-6, atol=1e-7)
+            gap = max(gap, float((value - other[k][name]).abs().max()))
+    for k, state in {**personal, **uploads}.items():  # the personal models are kept in both modes
+        assert all(torch.equal(server.personal[k][n], t) for n, t in state.items())
+    assert (gap > 0.1) if len(reporting) < clients else (gap < 1e-12)
+
+
+def test_fedora_forwards_absent_to_its_server() -> None:
+    """`Fedora(absent=...)` reaches the server it builds; an unknown value is refused with the choices."""
+    assert Fedora(MLP(hidden=[8]), absent="propagated").configure_server().absent == "propagated"
+    assert Fedora(MLP(hidden=[8])).configure_server().absent == "personal"
+    with pytest.raises(ValueError, match=r"absent='latest'.*'personal', 'propagated'"):
+        Fedora(MLP(hidden=[8]), absent="latest")
 
 
 class _RecordingRun:

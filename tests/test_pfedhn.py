@@ -19,9 +19,11 @@ from pflight.algorithms.pfedhn import (
     hypernetwork_gradients,
 )
 from pflight.callbacks import FederationCheckpoint
+from pflight.client import ClientContext
 from pflight.data import FederatedDataModule, PathologicalPartitioner
 from pflight.messages import Message
 from pflight.models import CNN, MLP
+from pflight.streams import Stream, stream_seed
 from tests.conftest import make_trainer, run_federation
 
 
@@ -142,6 +144,83 @@ def test_learns_two_class_clients_and_fits_new_clients_with_phi_frozen(cls: type
         assert all("momentum_buffer" in s["head.weight"] for s in states)
     else:
         assert "head.weight" in message.tensors
+
+
+def _first_heads(data: FederatedDataModule, torch_seed: int, private_init: str = "independent") -> list[dict]:
+    """Each client's private head before its first step (load_client_state(None)), from a module built under
+    ``torch_seed`` (another network initialization)."""
+    torch.manual_seed(torch_seed)
+    client = PFedHNPC(MLP(input_shape=[1, 8, 8], hidden=[16], num_classes=10), private_init=private_init)
+    heads = []
+    for k in data.train_clients:
+        client.context = ClientContext(k, 0, data.client_data(k), 16, torch.Generator(), seed=data.seed)
+        rng = torch.get_rng_state()
+        client.load_client_state(None)
+        assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is left as it was
+        heads.append({n: t.detach().clone() for n, t in client.net.head.state_dict().items()})
+    return heads
+
+
+def test_pc_heads_start_independent_per_client_and_reproducible() -> None:
+    """pFedHN-PC: client k's head starts as nn.Linear(16, 10) built under the seed (data seed, k, PFEDHN_INIT)
+    (the official code builds one LocalLayer per client), so heads differ between clients, repeat across runs
+    whatever the global RNG, change with the data seed and leave the global RNG as it was; "shared" gives
+    every client the module's own initial head (the previous behaviour)."""
+    data = FederatedDataModule("digits", num_clients=4, seed=0)
+    data.setup()
+    heads = _first_heads(data, torch_seed=0)
+    for k, head in zip(data.train_clients, heads, strict=True):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream_seed(data.seed, k, Stream.PFEDHN_INIT))
+            oracle = nn.Linear(16, 10)
+        assert torch.equal(head["weight"], oracle.weight)
+        assert torch.equal(head["bias"], oracle.bias)
+    assert all(not torch.allclose(a["weight"], b["weight"]) for i, a in enumerate(heads) for b in heads[i + 1 :])
+    again = _first_heads(data, torch_seed=123)
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(heads, again, strict=True) for n in a)
+    other_seed = FederatedDataModule("digits", num_clients=4, seed=1)
+    other_seed.setup()
+    assert not torch.allclose(_first_heads(other_seed, torch_seed=0)[0]["weight"], heads[0]["weight"])
+    torch.manual_seed(7)
+    initial = MLP(input_shape=[1, 8, 8], hidden=[16], num_classes=10).head.weight.detach()
+    shared = _first_heads(data, torch_seed=7, private_init="shared")
+    assert all(torch.equal(h["weight"], initial) for h in shared)
+
+
+def test_private_init_does_not_touch_pfedhn_without_private_modules() -> None:
+    """Plain pFedHN (nothing private): a 3-step run is bit-identical under private_init "independent" and
+    "shared" (hypernetwork weights and every evaluation)."""
+
+    def fit(private_init: str) -> Federation:
+        client = PFedHN(MLP(input_shape=[1, 8, 8], hidden=[16]), local_steps=3, private_init=private_init)
+        return run_federation(client, _digits(), rounds=3, federation_kwargs={"clients_per_round": 1, "eval_every": 3})
+
+    a, b = fit("independent"), fit("shared")
+    for name, value in a.server.hypernetwork.state_dict().items():
+        assert torch.equal(value, b.server.hypernetwork.state_dict()[name]), name
+    keep = ("acc", "loss")
+    assert [{k: v for k, v in h.items() if any(w in k for w in keep)} for h in a.history] == [
+        {k: v for k, v in h.items() if any(w in k for w in keep)} for h in b.history
+    ]
+
+
+def test_private_init_is_validated() -> None:
+    """An unknown private_init, or a private module without reset_parameters, is refused with the fix."""
+    with pytest.raises(ValueError, match=r"private_init='fresh'.*'independent', 'shared'"):
+        PFedHNPC(MLP(hidden=[8]), private_init="fresh")
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.gain
+
+    net = nn.Sequential(MLP(hidden=[8]), Scale())
+    with pytest.raises(ValueError, match=r"\['1'\] lack.*private_init='shared'"):
+        PFedHN(net, private_prefixes=["1"])
+    PFedHN(net, private_prefixes=["1"], private_init="shared")
 
 
 @pytest.mark.parametrize("cls", [PFedHN, PFedHNPC], ids=["pfedhn", "pfedhn-pc"])

@@ -30,7 +30,8 @@ class Stream(IntEnum):
     ``FAULT`` (dropouts and stragglers), ``FEDORA_SIGNATURE`` (FEDORA's one-time signature pass); per
     (seed, round): ``SAMPLE`` (the round's clients), ``EVAL_SAMPLE`` (the clients a round evaluates under
     ``Federation(eval_clients=...)``), ``FEDMD_SUBSET`` (FedMD's public subset); per seed:
-    ``NEW_CLIENTS``, ``PUBLIC_POOL``, ``CLIENT_SPLIT`` (with the client), ``PFEDHN_INIT``; per client:
+    ``NEW_CLIENTS``, ``PUBLIC_POOL``, ``CLIENT_SPLIT`` (with the client), ``PFEDHN_INIT`` (per seed: the
+    hypernetwork; per (seed, client): pFedHN-PC's private heads); per client:
     ``META_SUPPORT`` (the fixed support/query split), ``LOCAL_ONLY`` (the local-only model's batches).
     The global RNGs are reseeded per (seed, round, client, purpose + ``GLOBAL_OFFSET``) for dropout
     layers and the like.

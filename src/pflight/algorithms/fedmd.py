@@ -25,6 +25,14 @@ Digits: the public pool is a disjoint, stratified share of the digits (``public_
 networks outputting private + public classes and ``private_classes`` slicing the private logits.
 
 The math is in pure functions: :func:`stratified_subset`, :func:`consensus_logits`, :func:`digest_loss`.
+
+Optimizer state, as the authors' code (``diogenes0319/FedMD_clean``): there each party's digest model is
+compiled once with Adam 1e-3, so its moments and step count carry from one round's digest to the next;
+pflight keeps that Adam state per client in the client store (``persistent_digest_optimizer=True``, the
+default; ``False`` gives a fresh Adam every digest). Transfer learning uses a fresh Adam per phase, as the
+authors' public pre-training and private fitting are separately compiled models. Deviation: the authors'
+revisit continues the private-fitting Adam; pflight's revisit is the federation's local optimizer, fresh
+every round (SGD by default).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
@@ -136,6 +145,36 @@ def public_pool(source: DataSource) -> tuple[Tensor, Tensor]:
             " (e.g. `pflight.data.CIFAR10`) as the public data set."
         )
     return source.load()
+
+
+def _copy_state(state: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A copy of one parameter's optimizer state, on ``device`` (scalar tensors such as Adam's ``step`` on the CPU)."""
+    return {
+        k: (v.detach().to(device) if v.dim() > 0 else v.detach().cpu()).clone() if isinstance(v, Tensor) else v
+        for k, v in state.items()
+    }
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, net: nn.Module) -> dict[str, dict[str, Any]]:
+    """Copies of ``optimizer``'s per-parameter state keyed by ``net``'s parameter names (scalar steps on the CPU).
+
+    >>> net = nn.Linear(2, 1)
+    >>> opt = torch.optim.Adam(net.parameters())
+    >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> {k: sorted(v) for k, v in named_optimizer_state(opt, net).items()}
+    {'weight': ['exp_avg', 'exp_avg_sq', 'step'], 'bias': ['exp_avg', 'exp_avg_sq', 'step']}
+    """
+    named = net.named_parameters()
+    return {name: _copy_state(optimizer.state[p], p.device) for name, p in named if optimizer.state.get(p)}
+
+
+def load_named_optimizer_state(
+    optimizer: torch.optim.Optimizer, net: nn.Module, state: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Give ``optimizer`` back the per-parameter state of :func:`named_optimizer_state` (on each parameter's device)."""
+    for name, p in net.named_parameters():
+        if name in state:
+            optimizer.state[p] = _copy_state(state[name], p.device)
 
 
 # ---------------------------------------------------------------------- server
@@ -252,7 +291,8 @@ class FedMD(ClientModule):
     ``nets[architectures[k]]`` (or one drawn for it) with its own weights, kept in the client store.
     Local training (the federation's batches) is the *revisit*: cross-entropy on the private train
     split with the local optimizer (``lr``/``momentum`` SGD, or ``optimizer``, e.g. Adam 1e-3 as in
-    the paper). Transfer learning and digest use their own Adam optimizers, in float32 (autocast off).
+    the paper). Transfer learning and digest use their own Adam optimizers, in float32 (autocast off);
+    the digest's Adam state persists per client across rounds by default, as in the authors' code.
 
     Args:
         nets: the architectures; every one outputs ``private classes`` logits, or private + public
@@ -282,6 +322,9 @@ class FedMD(ClientModule):
         public_label_offset: public label ``c`` is trained as class ``c + public_label_offset``
             (CIFAR-10 public with CIFAR-100 private: 100, with 110-logit networks).
         private_classes: the model's prediction keeps the first ``private_classes`` logits (None: all).
+        persistent_digest_optimizer: keep each client's digest Adam (moments and step count) from one
+            digest to its next, in the client store (the authors' code: a model compiled once); False: a
+            fresh Adam every digest.
     """
 
     def __init__(
@@ -308,6 +351,7 @@ class FedMD(ClientModule):
         public_source: DataSource | None = None,
         public_label_offset: int = 0,
         private_classes: int | None = None,
+        persistent_digest_optimizer: bool = True,
     ) -> None:
         if len(nets) == 0:
             raise ValueError("`FedMD(nets=[])` needs at least one network (one per architecture).")
@@ -349,6 +393,7 @@ class FedMD(ClientModule):
         self.public_source = public_source
         self.public_label_offset = public_label_offset
         self.private_classes = private_classes
+        self.persistent_digest_optimizer = persistent_digest_optimizer
         self.active = 0  # the architecture of the client being served
         self._message: Message | None = None
         self._fresh = True  # the client has no stored model yet: transfer learning first
@@ -381,6 +426,14 @@ class FedMD(ClientModule):
     def scores(self, x: Tensor) -> Tensor:
         """All logits (private and public classes) of the active client's network."""
         return self.nets[self.active](x)
+
+    @override
+    def net_forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """The revisit's logits: the active client's network at ``params`` (``nets`` names), as :meth:`forward`."""
+        prefix = f"{self.active}."
+        own = {name[len(prefix) :]: t for name, t in params.items() if name.startswith(prefix)}
+        out = functional_call(self.nets[self.active], own, (x,))
+        return out if self.private_classes is None else out[..., : self.private_classes]
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -430,11 +483,22 @@ class FedMD(ClientModule):
 
     @override
     def load_client_state(self, state: Mapping[str, Any] | None) -> None:
-        """Switch to the client's architecture and load its own weights (its initial ones the first time)."""
+        """Switch to the client's architecture and load its own weights (its initial ones the first time).
+
+        With ``persistent_digest_optimizer``, its digest Adam's state goes to ``round_state["digest_optimizer"]``.
+        """
         assert self.context is not None
         self.active = self.architecture_of(self.context.client_id)
         self._fresh = state is None
         load_float_state(self.nets[self.active], self._initial_of(self.active) if state is None else state["weights"])
+        if self.persistent_digest_optimizer:
+            self.round_state["digest_optimizer"] = dict(state.get("digest_optimizer", {})) if state is not None else {}
+
+    @override
+    def vectorized_reason(self) -> str | None:
+        """FedMD's clients run one after another: the module holds several architectures, one per client."""
+        own = f"`{type(self).__name__}` serves clients of different architectures (`nets`), which cannot be stacked"
+        return super().vectorized_reason() or own
 
     @override
     def on_local_train_start(self) -> None:
@@ -450,8 +514,11 @@ class FedMD(ClientModule):
 
     @override
     def client_state(self) -> dict[str, Any]:
-        """The client's own weights."""
-        return {"weights": float_state(self.nets[self.active])}
+        """The client's own weights (and its digest Adam's state with ``persistent_digest_optimizer``)."""
+        state: dict[str, Any] = {"weights": float_state(self.nets[self.active])}
+        if self.persistent_digest_optimizer:
+            state["digest_optimizer"] = self.round_state.get("digest_optimizer", {})
+        return state
 
     @override
     @torch.no_grad()
@@ -521,7 +588,11 @@ class FedMD(ClientModule):
         self._fresh = False
 
     def digest(self, index: Tensor, consensus: Tensor) -> None:
-        """Fit the consensus logits on the public subset ``index`` (train mode, fresh Adam)."""
+        """Fit the consensus logits on the public subset ``index`` (train mode).
+
+        With ``persistent_digest_optimizer`` the Adam continues from ``round_state["digest_optimizer"]`` (the
+        client's previous digest) and leaves its new state there; otherwise it is fresh.
+        """
         ctx = self.context
         assert ctx is not None
         net = self.nets[self.active]
@@ -530,12 +601,16 @@ class FedMD(ClientModule):
         index = index.cpu()
         with torch.enable_grad():
             opt = torch.optim.Adam(net.parameters(), lr=self.digest_lr)
+            if self.persistent_digest_optimizer:
+                load_named_optimizer_state(opt, net, self.round_state.get("digest_optimizer", {}))
             for pos in self._public_batches(index, self.digest_epochs):
                 x = x_pub[index[pos]].to(ctx.device)
                 target = consensus[pos.to(consensus.device)].to(ctx.device)
                 opt.zero_grad(set_to_none=True)
                 digest_loss(self.scores(x), target, self.digest_loss, self.digest_temperature).backward()
                 opt.step()
+        if self.persistent_digest_optimizer:
+            self.round_state["digest_optimizer"] = named_optimizer_state(opt, net)
         net.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ evaluation
@@ -550,4 +625,13 @@ class FedMD(ClientModule):
             self.train(was_training)
 
 
-__all__ = ["FedMD", "FedMDServer", "consensus_logits", "digest_loss", "public_pool", "stratified_subset"]
+__all__ = [
+    "FedMD",
+    "FedMDServer",
+    "consensus_logits",
+    "digest_loss",
+    "load_named_optimizer_state",
+    "named_optimizer_state",
+    "public_pool",
+    "stratified_subset",
+]

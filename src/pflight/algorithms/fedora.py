@@ -17,6 +17,12 @@ with the same pull on its train split (unlabeled new clients: x-only signatures,
 
 Defaults are the official code's (``junwu6/FEDORA``): ``tau=10``, ``m=2``, ``alpha=0.8``, divisor 2,
 SGD lr 5e-3, momentum 0.9, weight decay 5e-5, 5 local epochs.
+
+Deviation, partial participation (``absent``): the official loop always trains every client. Its server
+list holds, for a client that did not train this round, its last *propagated* ``theta_hat_j``, so a literal
+partial-participation run would mix that (``absent="propagated"``). pflight's default mixes the absent
+client's latest *personal* model (``absent="personal"``), so that ``theta_hat = P theta`` holds for the
+models the clients actually keep; both coincide when every client trains.
 """
 
 from __future__ import annotations
@@ -221,8 +227,24 @@ def fedora_pull(
 
 
 # ---------------------------------------------------------------------------------------------- server
+ABSENT_MODES = ("personal", "propagated")
+
+
 class FedoraServer(Server):
     """FEDORA's server: the one-time graph, the latest personal model of every client, one mix per client.
+
+    Each round ``theta_hat_k = sum_j P_kj w_j``, where ``w_j`` is client ``j``'s upload if it reported this
+    round, and otherwise (``absent``):
+
+    - ``"personal"`` (default): its latest personal model ``theta_j``. Then ``theta_hat = P theta`` over the
+      models the clients keep, the fixed point ``P`` is defined for; an absent client's model enters once.
+    - ``"propagated"``: its last propagated ``theta_hat_j``, what the official loop's server list holds for
+      a client that did not train (the official code always trains every client, so it never shows). This
+      mixes ``P`` twice into absent clients (``sum_j P_kj sum_l P_jl theta_l``), feeding ``k``'s own older
+      mix back to it; offered to reproduce a literal reading of the official loop.
+
+    Both give the same mix when every client trains. New clients mix the latest personal models in both
+    modes (their fixed-point row is a row of ``P`` over personal models; the official code has none).
 
     Args:
         tau: temperature of the edge weights ``exp(tau * s_kj)``.
@@ -230,6 +252,8 @@ class FedoraServer(Server):
         alpha: propagation restart parameter in ``P = (1 - alpha)(I - alpha A_hat)^-1``.
         signature_rank: singular vectors ``q`` per signature.
         new_client_labels: new clients sign with labels (else x-only signatures on both sides).
+        absent: what a client that did not report this round contributes to the mix, ``"personal"`` or
+            ``"propagated"`` (see above).
     """
 
     def __init__(
@@ -239,16 +263,20 @@ class FedoraServer(Server):
         alpha: float = 0.8,
         signature_rank: int = 1,
         new_client_labels: bool = True,
+        absent: str = "personal",
     ) -> None:
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"`FedoraServer(alpha={alpha})` must be in [0, 1).")
         if num_neighbors < 1:
             raise ValueError(f"`FedoraServer(num_neighbors={num_neighbors})` must be >= 1.")
+        if absent not in ABSENT_MODES:
+            raise ValueError(f"`FedoraServer(absent={absent!r})` is not valid: use one of {ABSENT_MODES}.")
         self.tau = tau
         self.num_neighbors = num_neighbors
         self.alpha = alpha
         self.signature_rank = signature_rank
         self.new_client_labels = new_client_labels
+        self.absent = absent
         self.client_ids: list[int] = []
         self.adjacency = torch.zeros(0, 0, dtype=torch.float64)  # A_hat over the training clients
         self.propagation = torch.zeros(0, 0, dtype=torch.float64)  # P over the training clients
@@ -315,7 +343,9 @@ class FedoraServer(Server):
                 )
             self.personal[k] = {name: t.detach().cpu().clone() for name, t in message.tensors.items()}
         if uploads:
-            mixed = propagate(self.propagation, [self.personal[k] for k in self.client_ids])
+            stand_in = self.personal if self.absent == "personal" else self.received  # for a client that is absent
+            sources = [self.personal[k] if k in uploads else stand_in[k] for k in self.client_ids]
+            mixed = propagate(self.propagation, sources)
             self.received = dict(zip(self.client_ids, mixed, strict=True))
 
     @override
@@ -363,6 +393,9 @@ class Fedora(ClientModule):
         signature_rank: singular vectors per signature (server).
         new_client_labels: new clients have labels: fine-tune with the pull (else use theta_hat_new as is).
         new_client_epochs: fine-tuning passes for a new client (None: ``local_epochs``).
+        absent: what a client that did not train this round contributes to the server's mix: its latest
+            ``"personal"`` model (default) or its last ``"propagated"`` theta_hat (server; see
+            :class:`FedoraServer`).
     """
 
     def __init__(
@@ -382,8 +415,11 @@ class Fedora(ClientModule):
         signature_rank: int = 1,
         new_client_labels: bool = True,
         new_client_epochs: int | None = None,
+        absent: str = "personal",
     ) -> None:
         super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        if absent not in ABSENT_MODES:
+            raise ValueError(f"`Fedora(absent={absent!r})` is not valid: use one of {ABSENT_MODES}.")
         if lambda_divisor <= 0:
             raise ValueError(f"`Fedora(lambda_divisor={lambda_divisor})` must be > 0.")
         if max_lambda is not None and max_lambda < 0:
@@ -398,11 +434,14 @@ class Fedora(ClientModule):
         self.signature_rank = signature_rank
         self.new_client_labels = new_client_labels
         self.new_client_epochs = new_client_epochs
+        self.absent = absent
 
     @override
     def configure_server(self) -> Server:
         """FEDORA's propagation server with this client's graph constants."""
-        return FedoraServer(self.tau, self.num_neighbors, self.alpha, self.signature_rank, self.new_client_labels)
+        return FedoraServer(
+            self.tau, self.num_neighbors, self.alpha, self.signature_rank, self.new_client_labels, self.absent
+        )
 
     def signature(self, num_classes: int, labeled: bool = True, rank: int = 1) -> Message:
         """The one-time ``signature`` message of the current client (from its train split)."""

@@ -9,7 +9,10 @@ One server step serves one client (``Federation(clients_per_round=1)``; a "round
             clip ||g_phi||, one optimizer step on phi (v_i included)
 
 pFedHN-PC generates everything but the classifier head; each client keeps a private head with a
-persistent optimizer. Evaluation uses the generated weights as they are (plus the private head).
+persistent optimizer. As in the official code (one ``LocalLayer`` built per client), every client's head
+starts from its own default initialization, drawn from a generator seeded by (data seed, client), so runs
+are reproducible and independent of the global RNG (``private_init="shared"``: every head starts from the
+module's one initial head instead). Evaluation uses the generated weights as they are (plus the private head).
 A new client gets a fresh embedding (the mean of the training clients' embeddings), fitted with the
 same rule while phi stays frozen.
 
@@ -21,6 +24,7 @@ clip 50).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -78,6 +82,9 @@ def hypernetwork_gradients(
         allow_unused=True,
     )
     return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads, strict=True)]
+
+
+PRIVATE_INITS = ("independent", "shared")
 
 
 def is_private(name: str, prefixes: Iterable[str]) -> bool:
@@ -388,6 +395,9 @@ class PFedHN(ClientModule):
         server_optimizer: a hypernetwork optimizer other than SGD (e.g. ``torch.optim.Adam``).
         new_client_steps: server steps that fit a new client's embedding at evaluation.
         spectral_norm: spectral normalization in the hypernetwork.
+        private_init: how the private modules start (PC): ``"independent"`` (default, the official code): a
+            fresh default initialization per client (``reset_parameters`` under a generator seeded by the data
+            seed and the client); ``"shared"``: the module's own initial values for every client.
     """
 
     def __init__(
@@ -411,6 +421,7 @@ class PFedHN(ClientModule):
         server_optimizer: OptimizerCallable | None = None,
         new_client_steps: int = 50,
         spectral_norm: bool = False,
+        private_init: str = "independent",
     ) -> None:
         super().__init__(net, lr, momentum, weight_decay, 1, local_steps, optimizer)
         self.inner_grad_clip = inner_grad_clip
@@ -422,6 +433,19 @@ class PFedHN(ClientModule):
                 f"`{type(self).__name__}(private_prefixes={self.private_prefixes})`: {unknown} name no module"
                 f" of {type(net).__name__} (its parameters: {names}); use e.g. ['head']."
             )
+        if private_init not in PRIVATE_INITS:
+            raise ValueError(
+                f"`{type(self).__name__}(private_init={private_init!r})` is not valid: use one of {PRIVATE_INITS}."
+            )
+        if private_init == "independent":
+            fixed = [n for n, m in self._private_owners() if not hasattr(m, "reset_parameters")]
+            if fixed:
+                raise ValueError(
+                    f"`{type(self).__name__}(private_init='independent')` re-initializes the private modules with"
+                    f" `reset_parameters()`, which {fixed} lack: use modules such as `nn.Linear`, or"
+                    " `private_init='shared'`."
+                )
+        self.private_init = private_init
         self.server_kwargs: dict[str, Any] = {
             "embedding_dim": embedding_dim,
             "hidden_dim": hidden_dim,
@@ -471,6 +495,39 @@ class PFedHN(ClientModule):
     def _private_state(self) -> dict[str, Tensor]:
         return {k: v for k, v in float_state(self.net).items() if is_private(k, self.private_prefixes)}
 
+    def _private_owners(self) -> list[tuple[str, nn.Module]]:
+        """The modules that directly hold a private float tensor (parameter or buffer), in registration order."""
+        owners = []
+        for name, module in self.net.named_modules():
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            full = [f"{name}.{n}" if name else n for n, t in own if t.is_floating_point()]
+            if any(is_private(n, self.private_prefixes) for n in full):
+                owners.append((name, module))
+        return owners
+
+    def private_initial_state(self, client_id: int, seed: int) -> dict[str, Tensor]:
+        """Client ``client_id``'s initial private tensors (PC): its own default initialization, or the shared one.
+
+        ``"independent"``: each private module's ``reset_parameters()`` on a CPU copy, drawing from the CPU
+        generator seeded by ``(seed, client_id, PFEDHN_INIT)`` (the global RNG is left as it was); for a
+        ``nn.Linear`` head this is ``nn.Linear(in, out)`` built under that seed, as the official code builds
+        one ``LocalLayer`` per client. ``"shared"``: the module's initial values.
+        """
+        initial = {k: v for k, v in self.initial_state().items() if is_private(k, self.private_prefixes)}
+        if self.private_init == "shared":
+            return initial
+        fresh: dict[str, Tensor] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(stream_seed(seed, client_id, Stream.PFEDHN_INIT))
+            for name, module in self._private_owners():
+                twin = copy.deepcopy(module).cpu()
+                twin.reset_parameters()  # type: ignore[operator]
+                for local, t in [*twin.named_parameters(recurse=False), *twin.named_buffers(recurse=False)]:
+                    full = f"{name}.{local}" if name else local
+                    if full in initial:
+                        fresh[full] = t.detach().to(initial[full].dtype)
+        return fresh
+
     # ------------------------------------------------------------------ round hooks
     @override
     def receive(self, message: Message | None) -> None:
@@ -482,18 +539,24 @@ class PFedHN(ClientModule):
 
     @override
     def load_client_state(self, state: Mapping[str, Any] | None) -> None:
-        """PC: the private head and its optimizer state; a new client keeps the head fitted with its embedding."""
+        """PC: the private head and its optimizer state.
+
+        The first time: the client's initial head (:meth:`private_initial_state`); a new client keeps the head
+        fitted with its embedding.
+        """
         if not self.private_prefixes:
             return
-        assert self.context is not None
-        initial = {k: v for k, v in self.initial_state().items() if is_private(k, self.private_prefixes)}
+        ctx = self.context
+        assert ctx is not None
         if state is not None:
             load_float_state(self.net, state["private"])
             self._private_optimizer_state = dict(state.get("optimizer", {}))
             return
         adapted = self._adapted
-        fitted = adapted is not None and self.context.new_client and adapted[0] == self.context.client_id
-        load_float_state(self.net, adapted[1] if fitted and adapted is not None else initial)
+        if adapted is not None and ctx.new_client and adapted[0] == ctx.client_id:
+            load_float_state(self.net, adapted[1])
+        else:
+            load_float_state(self.net, self.private_initial_state(ctx.client_id, ctx.seed))
         self._private_optimizer_state = {}
 
     @override
@@ -555,12 +618,12 @@ class PFedHN(ClientModule):
         """One inner loop from ``weights`` on the current client's train split; the trained tensors.
 
         Used by the server to fit a new client's embedding; a PC client's private head starts from
-        the initial head and keeps training across the calls for the same client.
+        its initial head (:meth:`private_initial_state`) and keeps training across the calls for the same client.
         """
         assert self.context is not None
         ctx = self.context
         if self.private_prefixes and (self._adapted is None or self._adapted[0] != ctx.client_id):
-            initial = {k: v for k, v in self.initial_state().items() if is_private(k, self.private_prefixes)}
+            initial = self.private_initial_state(ctx.client_id, ctx.seed)
             self._adapted = (ctx.client_id, initial)
             load_float_state(self.net, initial)
             self._adapted_optimizer = self._inner_optimizer(self._split_params()[1])
@@ -612,6 +675,7 @@ class PFedHNPC(PFedHN):
         server_optimizer: OptimizerCallable | None = None,
         new_client_steps: int = 50,
         spectral_norm: bool = False,
+        private_init: str = "independent",
     ) -> None:
         super().__init__(
             net,
@@ -633,6 +697,7 @@ class PFedHNPC(PFedHN):
             server_optimizer,
             new_client_steps,
             spectral_norm,
+            private_init,
         )
 
 
