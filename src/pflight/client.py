@@ -267,7 +267,7 @@ class ClientModule(pl.LightningModule):
         round_state: the current client's per-round inputs of :meth:`loss` and :meth:`after_local_step` (a
             dict of tensors, or dicts of tensors); emptied before each client's ``receive``.
         proximal_mu: the coefficient of :meth:`loss`'s proximal term ``(mu/2)||theta - round_state["anchor"]||^2``
-            (0: none). FedProx and Ditto set it; the vectorized executor's fused MLP kernel computes it too.
+            (0: none). FedProx sets it; the vectorized executor's fused MLP kernel computes it too.
     """
 
     proximal_mu: float = 0.0

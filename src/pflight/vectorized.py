@@ -463,6 +463,7 @@ class Stepper:
             train = {n: view[n] for n in run.trainable}
             const = {n: view[n] for n in run.names if n not in train}
             grads, (loss, aux) = self.grad(train, const, batch, state)
+            aux = {k: v.detach().clone() for k, v in aux.items()}  # a metric may be a view of the weights
             self._update(grads, t, m)
         if self.post_step is not None:
             with torch.no_grad():
