@@ -1,24 +1,34 @@
 """Federated algorithms: one module per family, each defining its client (and server rule)."""
 
+from pflight.algorithms.apfl import APFL
 from pflight.algorithms.baselines import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.distillation import EWCAdaptation, FreezeBaseAdaptation, KDAdaptation, LocalAdaptation
+from pflight.algorithms.ditto import Ditto
 from pflight.algorithms.fedmd import FedMD
 from pflight.algorithms.fedora import Fedora
 from pflight.algorithms.maml import MAML, MetaSGD
 from pflight.algorithms.perfedavg import PerFedAvg
+from pflight.algorithms.personal_layers import FedBABU, FedBN, FedPer, FedRep, LGFedAvg
 from pflight.algorithms.pfedhn import PFedHN, PFedHNPC
 from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
 
 __all__ = [
+    "APFL",
     "MAML",
+    "Ditto",
     "EWCAdaptation",
     "FedAvg",
     "FedAvgFT",
+    "FedBABU",
+    "FedBN",
     "FedMD",
     "Fedora",
+    "FedPer",
     "FedProx",
+    "FedRep",
     "FreezeBaseAdaptation",
     "KDAdaptation",
+    "LGFedAvg",
     "LocalAdaptation",
     "LocalOnly",
     "MetaSGD",
