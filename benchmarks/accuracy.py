@@ -51,6 +51,7 @@ class Algo:
     federation: dict[str, Any] = field(default_factory=dict)
     steps_arg: str | None = "local_steps"  # the constructor argument that sets local steps
     net_arg: str = "net"  # "nets" for heterogeneous clients (FedMD)
+    batch_norm: bool = False  # the MLP with a BatchNorm layer (FedBN, and FedAvg on the same network)
 
 
 LR = {"lr": [0.05, 0.2]}
@@ -85,6 +86,20 @@ ALGOS: list[Algo] = [
         fixed={"subset_size": 150, "transfer_public_epochs": 5, "transfer_private_epochs": 5},
         grid=LR,
     ),
+    Algo("ditto", "pflight.algorithms.Ditto", cost=2, grid={"lr": [0.05, 0.2], "lam": [0.1, 1.0]}),
+    Algo("apfl", "pflight.algorithms.APFL", cost=2, grid=LR),
+    Algo("fedper", "pflight.algorithms.FedPer", grid=LR),
+    Algo("lgfedavg", "pflight.algorithms.LGFedAvg", grid=LR),
+    Algo(
+        "fedrep",  # one head epoch and one body epoch: about BUDGET steps on these clients' 3-5 batches an epoch
+        "pflight.algorithms.FedRep",
+        steps_arg=None,
+        fixed={"head_epochs": 1, "body_epochs": 1},
+        grid={"lr": [0.01, 0.05]},
+    ),
+    Algo("fedbabu", "pflight.algorithms.FedBABU", grid=LR),  # its own fine-tuning: 5 epochs at the local lr
+    Algo("fedavg_bn", "pflight.algorithms.FedAvg", grid=LR, batch_norm=True),
+    Algo("fedbn", "pflight.algorithms.FedBN", grid=LR, batch_norm=True),
     Algo("fedora", "pflight.algorithms.Fedora", grid={"lr": [0.01, 0.05]}),
     Algo("pfedhn", "pflight.algorithms.PFedHN", grid=HN),
     Algo("pfedhn_pc", "pflight.algorithms.PFedHNPC", grid=HN),
@@ -117,11 +132,29 @@ def scenario_data(name: str, seed: int) -> Any:
     raise ValueError(f"unknown scenario {name!r}: use one of {SCENARIOS}")
 
 
-def make_net(scenario: str, heterogeneous: bool = False) -> Any:
-    """The shared target network: an MLP with one hidden layer of 64 units (FedMD: three widths)."""
+def make_net(scenario: str, heterogeneous: bool = False, batch_norm: bool = False) -> Any:
+    """The shared target network: an MLP with one hidden layer of 64 units (FedMD: three widths; FedBN and its
+    FedAvg reference: a BatchNorm layer after the hidden layer's linear map)."""
+    from torch import nn
+
     from pflight.models import MLP
 
     shape = [60] if scenario == "synthetic" else [1, 8, 8]
+    if batch_norm:
+
+        class BatchNorm1d(nn.BatchNorm1d):
+            """BatchNorm1d that normalizes a one-sample training batch (a ragged last batch) by its running
+            statistics, where PyTorch refuses to."""
+
+            def forward(self, x: Any) -> Any:
+                if self.training and x.shape[0] == 1:
+                    return nn.functional.batch_norm(
+                        x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+                    )
+                return super().forward(x)
+
+        inputs = 60 if scenario == "synthetic" else 64
+        return nn.Sequential(nn.Flatten(), nn.Linear(inputs, 64), BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
     if heterogeneous:
         return [MLP(input_shape=shape, hidden=h, num_classes=10) for h in ([32], [64], [64, 32])]
     return MLP(input_shape=shape, hidden=[64], num_classes=10)
@@ -148,7 +181,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if algo.name == "pfedavg":  # stage 2 (Reptile) for the second half of the rounds
         kwargs.setdefault("switch_round", job["rounds"] // 2)
         kwargs.setdefault("reptile_steps", kwargs["local_steps"])
-    nets = make_net(job["scenario"], heterogeneous=algo.net_arg == "nets")
+    nets = make_net(job["scenario"], heterogeneous=algo.net_arg == "nets", batch_norm=algo.batch_norm)
     client = _import(algo.class_path)(**{algo.net_arg: nets}, **kwargs)
     data = scenario_data(job["scenario"], job["seed"])
     every = EVAL_EVERY if job["rounds"] % EVAL_EVERY == 0 else job["rounds"]
