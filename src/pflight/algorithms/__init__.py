@@ -10,6 +10,7 @@ from pflight.algorithms.maml import MAML, MetaSGD
 from pflight.algorithms.perfedavg import PerFedAvg
 from pflight.algorithms.personal_layers import FedBABU, FedBN, FedPer, FedRep, LGFedAvg
 from pflight.algorithms.pfedhn import PFedHN, PFedHNPC
+from pflight.algorithms.pfedme import PFedMe, PFedMeServer
 from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "MetaSGD",
     "PFedHN",
     "PFedHNPC",
+    "PFedMe",
+    "PFedMeServer",
     "PerFedAvg",
     "PersonalizedFedAvg",
     "Reptile",

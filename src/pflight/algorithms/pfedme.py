@@ -1,0 +1,340 @@
+"""pFedMe (T. Dinh, Tran, Nguyen, "Personalized Federated Learning with Moreau Envelopes", NeurIPS 2020, Algorithm 1).
+
+Each client's personalized model is the proximal point of its loss at the global model,
+``theta_hat_i(w) = argmin_theta f_i(theta) + (lambda / 2) ||theta - w||^2``, and the clients minimize the Moreau
+envelope ``F_i(w) = min_theta ...`` of their losses, whose gradient is ``lambda (w - theta_hat_i(w))``. Per round::
+
+    client i (sampled): w_i = w^t; theta = w^t
+        for r in range(R):                                    # R = local_steps (or the batches of local_epochs)
+            batch = the next local minibatch
+            theta = K steps theta <- theta - personal_lr * (grad f(theta; batch) + lambda (theta - w_i))
+                                                              # from the last theta (warm_start) or from w_i
+            w_i <- w_i - lr * lambda * (w_i - theta)          # the local optimizer's step on loss()
+        upload w_i
+    server: w^{t+1} = (1 - beta) w^t + beta * mean_i w_i       # weighted by training samples (``weighted``)
+
+The local step goes through the contract: :meth:`PFedMe.loss` computes ``theta`` with :func:`moreau_inner_solve`
+(``torch.func.grad``, float32, a constant of the outer step as in the paper) and returns the envelope estimate
+``f(theta; batch) + (lambda / 2) ||w - theta||^2``, whose gradient in ``w`` is exactly ``lambda (w - theta)``; the
+local optimizer (plain SGD of ``lr`` = the paper's eta by default) makes it line 8 of Algorithm 1. The vectorized
+executor vmaps that ``loss``. The sequential executor runs :meth:`PFedMe.training_step`, the same math with
+``torch.autograd`` inner gradients (about 2x faster than ``torch.func.grad`` in eager mode on small networks),
+which also keeps the solved ``theta`` in ``round_state`` for the next step's warm start. The warm start is why the
+default runs sequentially: ``loss`` is pure and a step has no channel to return the new ``theta`` to the
+vectorized executor; carrying ``theta`` as extra network parameters would need its optimizer update to land exactly
+on the solved value, true only for plain SGD with ``lr`` 1 on those entries, so it is not done.
+
+Evaluation ("pFedMe (PM)", the paper's personalized model): every client, seen or new, solves its own inner
+problem anchored at the current global model on its train split (``eval_batches`` minibatches, K steps each,
+``theta`` carried across them) and is evaluated at ``theta_hat_i(w)``; ``global_acc`` is "pFedMe (GM)", ``w``.
+
+Defaults are the authors' code (``CharlieDinh/pFedMe``, ``main.py``): lambda 15, K 5, personal_lr 0.09, eta 0.005,
+beta 1, R = 20 local steps. Deliberate deviations from the paper and that code:
+
+- ``warm_start=True`` (default) follows the code: ``theta`` starts at ``w^t`` each round and each inner solve
+  starts from the previous one's result (the paper leaves the start open). ``warm_start=False`` starts every
+  inner solve at the current ``w_i``; only that variant runs on the vectorized executor (:meth:`vectorized_reason`).
+- Only the sampled clients train. Algorithm 1 (and the code) has every client update and only the sampled ones
+  send; the others' work changes nothing but their own ``theta``, which evaluation recomputes anyway.
+- The server weights clients by training samples as the code does (the paper: uniform ``1/S``; ``weighted=False``).
+- The inner problem has no ``(mu/2)||theta||^2`` term by default (the paper); the code's ``pFedMeOptimizer``
+  always adds ``mu = 1e-3`` (``personal_weight_decay=1e-3`` reproduces it).
+- Minibatches are pflight's (a fresh permutation per pass, seeded by round and client); the code cycles an
+  unshuffled loader across rounds.
+- The code evaluates, as "personalized", ``persionalized_model_bar``, which aliases the network's parameters and
+  so holds the local model ``w_{i,R}`` at test time (``CharlieDinh/pFedMe`` issue #5), for every client after
+  local training and before aggregation. Here PM is ``theta_hat_i`` of the aggregated ``w^{t+1}``, as defined in
+  the paper, computed on the train split only.
+
+BatchNorm with running statistics is refused: the inner solve runs under ``torch.func`` (use ``CNN(norm='group')``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from pflight.algorithms.meta_functional import full_precision, gradient, upcast
+from pflight.client import (
+    Batch,
+    ClientModule,
+    OptimizerCallable,
+    as_batch,
+    cross_entropy,
+    load_float_state,
+    proximal_term,
+)
+from pflight.server import FedAvgServer, Server
+
+
+# ---------------------------------------------------------------------------------------------- math
+def moreau_inner_solve(
+    grad_fn: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
+    theta: Mapping[str, Tensor],
+    anchor: Mapping[str, Tensor],
+    lam: float,
+    lr: float,
+    steps: int,
+    weight_decay: float = 0.0,
+) -> dict[str, Tensor]:
+    """The inner solve of pFedMe: ``steps`` gradient steps on ``h(theta) = f(theta) + (lam/2)||theta - w||^2``.
+
+    Each step is the authors' ``pFedMeOptimizer.step``, ``theta <- theta - lr (grad f(theta) + lam (theta - w)
+    + weight_decay theta)``, from ``theta``; ``w`` is ``anchor`` and ``grad_fn`` gives ``grad f`` as a dict
+    (``torch.func.grad(f)``, or :func:`autograd_grad`). Iterates start from detached tensors, so the result is a
+    constant for any outer gradient (the paper's theta-tilde, held fixed in the update of ``w``). For a quadratic
+    ``f`` the minimizer is ``(A + lam I)^-1 (b + lam w)``:
+
+    >>> a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    >>> b = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    >>> f = lambda p: 0.5 * p["v"] @ a @ p["v"] - b @ p["v"]
+    >>> w = {"v": torch.tensor([3.0, 1.0], dtype=torch.float64)}
+    >>> theta = moreau_inner_solve(torch.func.grad(f), w, w, lam=2.0, lr=0.2, steps=200)
+    >>> torch.allclose(theta["v"], torch.linalg.solve(a + 2.0 * torch.eye(2, dtype=torch.float64), b + 2.0 * w["v"]))
+    True
+    """
+    w = {n: a.detach() for n, a in anchor.items()}
+    current = {n: t.detach() for n, t in theta.items()}
+    for _ in range(steps):
+        g = grad_fn(current)
+        current = {n: t - lr * (g[n] + lam * (t - w[n]) + weight_decay * t) for n, t in current.items()}
+    return current
+
+
+def autograd_grad(loss_fn: Callable[[dict[str, Tensor]], Tensor], theta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``grad loss_fn(theta)`` by ``torch.autograd`` at detached leaves (eager: ~2x faster than ``torch.func.grad``).
+
+    >>> autograd_grad(lambda p: (p["v"] ** 2).sum(), {"v": torch.tensor([1.0, -2.0])})["v"].tolist()
+    [2.0, -4.0]
+    """
+    with torch.enable_grad():
+        leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+        return {n: g.detach() for n, g in gradient(loss_fn(leaves), leaves).items()}
+
+
+def beta_mix(global_state: Mapping[str, Tensor], mean: Mapping[str, Tensor], beta: float) -> dict[str, Tensor]:
+    """The server step of pFedMe, ``(1 - beta) w + beta * mean``: ``beta = 1`` is FedAvg's mean, > 1 extrapolates.
+
+    >>> beta_mix({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 0.0])}, 0.25)["w"].tolist()
+    [1.5, 1.5]
+    """
+    return {n: (1.0 - beta) * g + beta * mean[n].to(g.device, g.dtype) for n, g in global_state.items()}
+
+
+# ---------------------------------------------------------------------------------------------- server
+class PFedMeServer(FedAvgServer):
+    """pFedMe's server: ``w <- (1 - beta) w + beta * mean_i w_i`` over the uploaded local models.
+
+    Linear in the uploads, so several processes aggregate it by reduction (as FedAvg's mean).
+
+    Args:
+        beta: the mixing parameter beta (> 0; 1 is FedAvg's mean, the paper also runs beta > 1).
+        weighted: weight clients by training samples (the authors' code); False: uniform (the paper).
+    """
+
+    def __init__(self, beta: float = 1.0, weighted: bool = True) -> None:
+        if not beta > 0:
+            raise ValueError(f"`PFedMeServer(beta={beta})` must be > 0 (1 replaces w by the clients' mean).")
+        super().__init__(weighted)
+        self.beta = beta
+
+    @override
+    def apply(self, mean: Mapping[str, Tensor], kind: str) -> None:
+        """Mix the mean of the clients' local models into the global model."""
+        if kind != "weights":
+            raise ValueError(f"`PFedMeServer` mixes `weights` uploads (the local models w_i), got kind {kind!r}.")
+        self.global_state = beta_mix(self.global_state, mean, self.beta)
+
+
+# ---------------------------------------------------------------------------------------------- client
+class PFedMe(ClientModule):
+    """pFedMe's client: the local model ``w_i`` descends the Moreau envelope; the personal model is ``theta``.
+
+    See the module docstring for the loop, the evaluation and the deviations from the paper and its code.
+
+    Args:
+        net: the network (no BatchNorm running statistics).
+        lr: the local learning rate eta of ``w_i <- w_i - eta * lam * (w_i - theta)`` (SGD).
+        momentum: local SGD momentum (0 in the paper).
+        weight_decay: local SGD weight decay on ``w_i`` (0 in the paper).
+        local_epochs: with ``local_steps=None``, R is the number of batches in this many passes.
+        local_steps: R, the local steps per round (one minibatch each; the code's ``local_epochs``).
+        optimizer: a local optimizer other than SGD (its step replaces ``w_i - eta * gradient``).
+        lam: lambda, the weight of ``(lam/2)||theta - w||^2``.
+        personal_lr: the inner step size (the code's ``personal_learning_rate``).
+        personal_steps: K, inner steps per local step, on the same minibatch.
+        personal_weight_decay: mu of an extra ``(mu/2)||theta||^2`` in the inner problem (the code: 1e-3).
+        beta: the server's mixing parameter.
+        weighted: server mean weighted by training samples (False: uniform).
+        warm_start: start each inner solve at the previous one's theta (the code), else at ``w_i``.
+        eval_batches: minibatches of the inner solve at evaluation (None: as many as a round's local steps;
+            0: evaluate the global model itself).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.005,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        local_steps: int | None = 20,
+        optimizer: OptimizerCallable | None = None,
+        lam: float = 15.0,
+        personal_lr: float = 0.09,
+        personal_steps: int = 5,
+        personal_weight_decay: float = 0.0,
+        beta: float = 1.0,
+        weighted: bool = True,
+        warm_start: bool = True,
+        eval_batches: int | None = None,
+    ) -> None:
+        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        if not lam > 0:
+            raise ValueError(f"`PFedMe(lam={lam})` must be > 0: it weighs (lam/2)||theta - w||^2.")
+        if not personal_lr > 0:
+            raise ValueError(f"`PFedMe(personal_lr={personal_lr})` must be > 0.")
+        if personal_steps < 1:
+            raise ValueError(f"`PFedMe(personal_steps={personal_steps})` must be >= 1 (K inner steps per batch).")
+        if personal_weight_decay < 0:
+            raise ValueError(f"`PFedMe(personal_weight_decay={personal_weight_decay})` must be >= 0.")
+        if personal_lr * (lam + personal_weight_decay) >= 2.0:
+            raise ValueError(
+                f"`PFedMe(personal_lr={personal_lr}, lam={lam})`: personal_lr * (lam + personal_weight_decay) ="
+                f" {personal_lr * (lam + personal_weight_decay):.3g} >= 2 makes the inner solve diverge; use"
+                f" personal_lr < {2.0 / (lam + personal_weight_decay):.3g}."
+            )
+        if not beta > 0:
+            raise ValueError(f"`PFedMe(beta={beta})` must be > 0 (1 replaces w by the clients' mean).")
+        if eval_batches is not None and eval_batches < 0:
+            raise ValueError(f"`PFedMe(eval_batches={eval_batches})` must be >= 0 or None (a round's local steps).")
+        for name, module in net.named_modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                raise ValueError(
+                    f"`PFedMe(net=...)` has running statistics (`{name}`: {type(module).__name__}), which the inner"
+                    " solve under torch.func cannot update: use a norm without them (e.g. `CNN(norm='group')`)."
+                )
+        self.lam = lam
+        self.personal_lr = personal_lr
+        self.personal_steps = personal_steps
+        self.personal_weight_decay = personal_weight_decay
+        self.beta = beta
+        self.weighted = weighted
+        self.warm_start = warm_start
+        self.eval_batches = eval_batches
+
+    @override
+    def configure_server(self) -> Server:
+        """``(1 - beta) w + beta * mean w_i``."""
+        return PFedMeServer(self.beta, self.weighted)
+
+    # ------------------------------------------------------------------ the local objective
+    def personal_model(
+        self,
+        params: Mapping[str, Tensor],
+        batch: Batch,
+        start: Mapping[str, Tensor] | None = None,
+        functional: bool = True,
+    ) -> dict[str, Tensor]:
+        """``theta``: the inner solve on ``batch`` anchored at the weights ``params``, from ``start`` (None: them).
+
+        Only the network's trainable parameters are personalized (float32, autocast off); other float entries
+        (buffers) are taken from ``params``. The result is detached from ``params``. Inner gradients come from
+        ``torch.func.grad`` when ``functional`` (what ``vmap`` needs), else from ``torch.autograd`` (eager code).
+        """
+        trainable = [n for n, p in self.net.named_parameters() if p.requires_grad]
+        w = {n: params[n].detach() for n in trainable}
+        const = {n: t.detach() for n, t in params.items() if n not in w}
+
+        def f(theta: dict[str, Tensor]) -> Tensor:
+            return cross_entropy(upcast(self.net_forward({**const, **theta}, batch.x)), batch)
+
+        grad_fn = torch.func.grad(f) if functional else partial(autograd_grad, f)
+        with full_precision(batch.x.device.type):
+            return moreau_inner_solve(
+                grad_fn, w if start is None else start, w, self.lam, self.personal_lr, self.personal_steps,
+                self.personal_weight_decay,
+            )  # fmt: skip
+
+    def moreau_step(
+        self,
+        params: Mapping[str, Tensor],
+        batch: Batch,
+        start: Mapping[str, Tensor] | None = None,
+        functional: bool = True,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The local objective at ``params`` on ``batch`` and the ``theta`` it solved for (:meth:`personal_model`).
+
+        The loss is the envelope estimate ``f(theta; batch) + (lam/2)||w - theta||^2`` with ``theta`` constant:
+        its value is the Moreau envelope's on the batch, its gradient ``lam (w - theta)``. ``personal_loss`` is
+        ``f(theta; batch)``, logged.
+        """
+        theta = self.personal_model(params, batch, start, functional)
+        const = {n: t.detach() for n, t in params.items() if n not in theta}
+        with full_precision(batch.x.device.type):
+            personal = cross_entropy(upcast(self.net_forward({**const, **theta}, batch.x)), batch).detach()
+            loss = personal + proximal_term(params, theta, self.lam).to(personal.dtype)
+        return {"loss": loss, "personal_loss": personal}, theta
+
+    @override
+    def loss(self, params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The envelope estimate (:meth:`moreau_step`), ``theta`` from ``state["theta"]`` when the step carries one."""
+        out, _ = self.moreau_step(params, batch, state.get("theta"))
+        return out
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """:meth:`loss` at the network's weights (eager inner gradients).
+
+        With ``warm_start`` the solved ``theta`` starts the next step's inner solve.
+        """
+        out, theta = self.moreau_step(self.params(), as_batch(batch), self.round_state.get("theta"), functional=False)
+        if self.warm_start:
+            self.round_state["theta"] = theta
+        return out
+
+    @override
+    def vectorized_reason(self) -> str | None:
+        """Vectorized with ``warm_start=False`` (each step is then :meth:`loss` alone), sequential otherwise."""
+        if type(self).training_step is not PFedMe.training_step:
+            return super().vectorized_reason()
+        if self.warm_start:
+            return (
+                f"`{type(self).__name__}(warm_start=True)` starts each inner solve from the theta of the previous"
+                " local step, which a step cannot hand back to the vectorized executor; `warm_start=False` starts"
+                " it at w and runs vectorized"
+            )
+        return None
+
+    # ------------------------------------------------------------------ evaluation
+    @override
+    def personalize(self) -> None:
+        """theta_hat(w) of the received global model on the train split: the inner solve over ``eval_batches``.
+
+        ``theta`` is carried from batch to batch (the anchor ``w`` does not move at evaluation), float32, train mode.
+        """
+        assert self.context is not None
+        if self.eval_batches == 0:
+            return
+        w = {n: t.detach().clone() for n, t in self.params().items()}
+        if self.eval_batches is None:
+            batches = self.context.batches("train", epochs=self.local_epochs, steps=self.local_steps)
+        else:
+            batches = self.context.batches("train", steps=self.eval_batches)
+        theta: dict[str, Tensor] | None = None
+        was_training = self.net.training
+        self.net.train()
+        with torch.enable_grad():
+            for x, y in batches:
+                theta = self.personal_model(w, Batch(x, y), theta, functional=False)
+        self.net.train(was_training)
+        if theta is not None:
+            load_float_state(self.net, theta)
+
+
+__all__ = ["PFedMe", "PFedMeServer", "autograd_grad", "beta_mix", "moreau_inner_solve"]
