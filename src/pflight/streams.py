@@ -31,7 +31,8 @@ class Stream(IntEnum):
     (seed, round): ``SAMPLE`` (the round's clients), ``EVAL_SAMPLE`` (the clients a round evaluates under
     ``Federation(eval_clients=...)``), ``FEDMD_SUBSET`` (FedMD's public subset); per seed:
     ``NEW_CLIENTS``, ``PUBLIC_POOL``, ``CLIENT_SPLIT`` (with the client), ``PFEDHN_INIT`` (per seed: the
-    hypernetwork; per (seed, client): pFedHN-PC's private heads); per client:
+    hypernetwork; per (seed, client): pFedHN-PC's private heads), ``LEAF_USERS`` (the users a LEAF source
+    samples); per client:
     ``META_SUPPORT`` (the fixed support/query split), ``LOCAL_ONLY`` (the local-only model's batches).
     The global RNGs are reseeded per (seed, round, client, purpose + ``GLOBAL_OFFSET``) for dropout
     layers and the like.
@@ -54,3 +55,4 @@ class Stream(IntEnum):
     PUBLIC_POOL = 104729
     FEDMD_SUBSET = 0xFED3D
     PFEDHN_INIT = 0x48594E
+    LEAF_USERS = 0x1EAF

@@ -11,6 +11,7 @@ from pflight.data.datasets import (
     Synthetic,
     resolve_source,
 )
+from pflight.data.leaf import FEMNIST, LEAFSource, Sent140, Shakespeare
 from pflight.data.partitioners import (
     DirichletPartitioner,
     IIDPartitioner,
@@ -25,6 +26,7 @@ from pflight.streams import stream_seed
 __all__ = [
     "CIFAR10",
     "CIFAR100",
+    "FEMNIST",
     "MNIST",
     "ClientData",
     "DataSource",
@@ -33,9 +35,12 @@ __all__ = [
     "FashionMNIST",
     "FederatedDataModule",
     "IIDPartitioner",
+    "LEAFSource",
     "Partitioner",
     "PathologicalPartitioner",
     "RotationPartitioner",
+    "Sent140",
+    "Shakespeare",
     "Synthetic",
     "label_entropy",
     "resolve_source",

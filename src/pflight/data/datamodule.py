@@ -122,7 +122,8 @@ class FederatedDataModule(pl.LightningDataModule):
     """Simulated clients with non-IID data.
 
     The source's samples are partitioned over ``num_clients`` clients (natural sources come split);
-    each client's share is shuffled (seeded per client) into train/val/test; a fraction of clients
+    each client's share is shuffled (seeded per client) into train/val/test (sources with their own test
+    split, LEAF's, keep it and have val carved from their training part); a fraction of clients
     is held out as new clients that never train; a stratified public pool can be set aside first.
 
     Each loader yields one item per epoch, the tensor of client ids of that stage: a training epoch
@@ -131,11 +132,13 @@ class FederatedDataModule(pl.LightningDataModule):
 
     Args:
         dataset: a source (``class_path``) or a name: digits, mnist, fashion_mnist, cifar10,
-            cifar100, synthetic.
+            cifar100, synthetic; LEAF's ``pflight.data.FEMNIST``, ``Shakespeare``, ``Sent140`` by class path.
         num_clients: total number of clients, new clients included.
         partitioner: how samples are split over clients (ignored by natural sources).
         val_fraction: share of each client's samples in its validation split.
-        test_fraction: share of each client's samples in its test split.
+        test_fraction: share of each client's samples in its test split (ignored by sources with their own
+            test split, such as LEAF's: a client's test split is then the source's, and ``val_fraction`` is a
+            share of its training part).
         new_client_fraction: share of clients held out of training (evaluated as new clients).
         public_fraction: share of the pool set aside, stratified by class, as public data.
         batch_size: local minibatch size.
@@ -195,7 +198,14 @@ class FederatedDataModule(pl.LightningDataModule):
         if self.clients:
             return
         if self.source.natural:
-            parts = self.source.load_clients(self.num_clients, self.seed)
+            # a source with its own test split hands it over; only its training part is split further
+            tests: list[tuple[Tensor, Tensor] | None]
+            if self.source.own_test_split:
+                splits = self.source.load_client_splits(self.num_clients, self.seed)
+                parts, tests = [train for train, _ in splits], [test for _, test in splits]
+                del splits
+            else:
+                parts, tests = self.source.load_clients(self.num_clients, self.seed), [None] * self.num_clients
             self.num_classes = self.source.num_classes
             self.input_shape = tuple(parts[0][0].shape[1:])
             if self.public_fraction > 0:
@@ -207,7 +217,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 self.public = (pool_x[public_idx], pool_y[public_idx])
                 bounds = np.searchsorted(keep, offsets)  # keep is sorted: client k keeps keep[bounds[k]:bounds[k+1]]
                 self.clients = [
-                    self._make_client(k, pool_x, pool_y, keep[bounds[k] : bounds[k + 1]])
+                    self._make_client(k, pool_x, pool_y, keep[bounds[k] : bounds[k + 1]], tests[k])
                     for k in range(self.num_clients)
                 ]
             else:
@@ -217,7 +227,8 @@ class FederatedDataModule(pl.LightningDataModule):
                 for k in range(self.num_clients):
                     x, y = parts[k]
                     parts[k] = None
-                    self.clients.append(self._make_client(k, x, y, np.arange(len(y))))
+                    self.clients.append(self._make_client(k, x, y, np.arange(len(y)), tests[k]))
+                    tests[k] = None
         else:
             pool_x, pool_y = self.source.load()
             labels = pool_y.numpy()
@@ -256,15 +267,25 @@ class FederatedDataModule(pl.LightningDataModule):
             keep.append(members[cut:])
         return np.sort(np.concatenate(public)), np.sort(np.concatenate(keep))
 
-    def _make_client(self, k: int, x: Tensor, y: Tensor, idx: np.ndarray) -> ClientData:
+    def _make_client(
+        self, k: int, x: Tensor, y: Tensor, idx: np.ndarray, test: tuple[Tensor, Tensor] | None = None
+    ) -> ClientData:
+        """Client ``k``'s splits of rows ``idx``; a given ``test`` split is kept and only val is carved from ``idx``."""
         n = len(idx)
+        test_fraction = 0.0 if test is not None else self.test_fraction
         n_val = int(round(self.val_fraction * n))
-        n_test = int(round(self.test_fraction * n))
+        n_test = int(round(test_fraction * n))
         if self.val_fraction > 0:
             n_val = max(n_val, 1)
-        if self.test_fraction > 0:
+        if test_fraction > 0:
             n_test = max(n_test, 1)
         if n - n_val - n_test < 1:
+            if test is not None:
+                raise ValueError(
+                    f"client {k} has only {n} training samples, too few for a train/val split with"
+                    f" val_fraction={self.val_fraction}: raise the source's `min_samples`"
+                    " (`--data.dataset.init_args.min_samples`) or lower `--data.val_fraction`."
+                )
             raise ValueError(
                 f"client {k} has only {n} samples, too few for a train/val/test split with"
                 f" val_fraction={self.val_fraction} and test_fraction={self.test_fraction}: use fewer"
@@ -280,6 +301,8 @@ class FederatedDataModule(pl.LightningDataModule):
             xs = _take(x, t)
             xs = self.partitioner.transform(k, self.num_clients, xs) if not self.source.natural else xs
             splits[name] = (xs.contiguous(), _take(y, t))
+        if test is not None:
+            splits["test"] = (test[0].contiguous(), test[1].contiguous())
         return ClientData(k, splits["train"], splits["val"], splits["test"])
 
     # ------------------------------------------------------------------ access

@@ -5,6 +5,8 @@
   test sets pooled (clients get their own splits), read from ``root`` (default: ``$PFLIGHT_DATA_ROOT``,
   else ``./data``); ``download=True`` fetches them.
 * :class:`Synthetic`: the FedProx Synthetic(alpha, beta) generator, a natural per-client split.
+* LEAF's FEMNIST, Shakespeare and Sent140 (:mod:`pflight.data.leaf`): natural splits that bring their own
+  per-client test split (``own_test_split``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ class DataSource:
     """Base class of data sources.
 
     ``natural`` sources (one distribution per client) implement :meth:`load_clients`; the others
-    implement :meth:`load` and are split by a partitioner.
+    implement :meth:`load` and are split by a partitioner. Natural sources whose clients come with their
+    own test split (LEAF's) set ``own_test_split`` and implement :meth:`load_client_splits`; the data
+    module then keeps that test split and carves only the validation split from the training part.
     """
 
     name: str = "source"
     num_classes: int = 0
     natural: bool = False
+    own_test_split: bool = False
 
     def load(self) -> tuple[Tensor, Tensor]:
         """Called once: return all inputs ``(N, ...)`` as float32 and labels ``(N,)`` as int64."""
@@ -36,6 +41,12 @@ class DataSource:
     def load_clients(self, num_clients: int, seed: int) -> list[tuple[Tensor, Tensor]]:
         """Called once for natural sources: return one ``(x, y)`` pair per client."""
         raise NotImplementedError(f"{type(self).__name__} is not a natural split: use `load`.")
+
+    def load_client_splits(
+        self, num_clients: int, seed: int
+    ) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+        """Called once for sources with ``own_test_split``: ``((x_train, y_train), (x_test, y_test))`` per client."""
+        raise NotImplementedError(f"{type(self).__name__} has no test split of its own: use `load_clients`.")
 
 
 class Digits(DataSource):
