@@ -11,15 +11,21 @@ from pflight.data.datasets import (
     Synthetic,
     resolve_source,
 )
+from pflight.data.huggingface import FlwrPartitioner, HuggingFace
 from pflight.data.leaf import FEMNIST, LEAFSource, Sent140, Shakespeare
 from pflight.data.partitioners import (
     DirichletPartitioner,
+    FeatureSkewPartitioner,
     IIDPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
+    QuantitySkewPartitioner,
     RotationPartitioner,
+    ShardPartitioner,
     label_entropy,
     rotate_images,
+    split_sizes,
 )
 from pflight.streams import stream_seed
 
@@ -33,17 +39,24 @@ __all__ = [
     "Digits",
     "DirichletPartitioner",
     "FashionMNIST",
+    "FeatureSkewPartitioner",
     "FederatedDataModule",
+    "FlwrPartitioner",
+    "HuggingFace",
     "IIDPartitioner",
     "LEAFSource",
+    "NaturalIdPartitioner",
     "Partitioner",
     "PathologicalPartitioner",
+    "QuantitySkewPartitioner",
     "RotationPartitioner",
     "Sent140",
     "Shakespeare",
+    "ShardPartitioner",
     "Synthetic",
     "label_entropy",
     "resolve_source",
     "rotate_images",
+    "split_sizes",
     "stream_seed",
 ]

@@ -231,12 +231,16 @@ class FederatedDataModule(pl.LightningDataModule):
                     tests[k] = None
         else:
             pool_x, pool_y = self.source.load()
+            self.num_classes = self.source.num_classes  # a source may learn its classes on loading
             labels = pool_y.numpy()
             idx_all = np.arange(len(labels))
             if self.public_fraction > 0:
                 public_idx, idx_all = self._public_split(labels, idx_all)
                 self.public = (pool_x[public_idx], pool_y[public_idx])
-            parts = self.partitioner.partition(labels[idx_all], self.num_clients, self.seed)
+            # per-sample columns (a writer id, ...) go only to a partitioner that names them
+            needed = self.partitioner.required_columns()
+            extra = {"columns": {n: np.asarray(self.source.column(n))[idx_all] for n in needed}} if needed else {}
+            parts = self.partitioner.partition(labels[idx_all], self.num_clients, self.seed, **extra)
             self.input_shape = tuple(pool_x.shape[1:])
             self.clients = [self._make_client(k, pool_x, pool_y, idx_all[p]) for k, p in enumerate(parts)]
         num_new = int(round(self.new_client_fraction * self.num_clients))

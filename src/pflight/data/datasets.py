@@ -42,6 +42,13 @@ class DataSource:
         """Called once for natural sources: return one ``(x, y)`` pair per client."""
         raise NotImplementedError(f"{type(self).__name__} is not a natural split: use `load`.")
 
+    def column(self, name: str) -> np.ndarray:
+        """Called after :meth:`load` for a partitioner's ``required_columns()``: one value per sample."""
+        raise ValueError(
+            f"`{type(self).__name__}` has no per-sample column {name!r} for the partitioner: use a source that"
+            f" provides it (e.g. `pflight.data.HuggingFace` with a {name!r} column) or another partitioner."
+        )
+
     def load_client_splits(
         self, num_clients: int, seed: int
     ) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
