@@ -405,7 +405,10 @@ class ClientModule(pl.LightningModule):
             state: the client's :attr:`round_state`.
 
         Returns:
-            The loss to minimize, or a dict with ``loss`` and scalar metrics logged as ``train/<name>``.
+            The loss to minimize, or a dict with ``loss``, scalar metrics logged as ``train/<name>`` and, under
+            ``state``, new values of :attr:`round_state` entries that the next step reads (detached; the same
+            shapes as the entries, which :meth:`on_local_train_start` creates): a quantity carried across steps,
+            such as pFedMe's warm-started personal model.
         """
         loss = cross_entropy(self.net_forward(params, batch.x), batch)
         anchor = state.get("anchor")

@@ -558,8 +558,12 @@ class Federation(pl.LightningModule):
                 out = client.training_step(batch, batch_idx)
                 if isinstance(out, dict):  # extra keys reach the round's metrics, like `self.log`
                     loss = out["loss"]
-                    if len(out) > 1:
-                        client.log_dict({k: v for k, v in out.items() if k != "loss"})
+                    carried = out.get("state")
+                    if carried is not None:  # round_state entries carried to the next step
+                        client.round_state.update(carried)
+                    metrics = {k: v for k, v in out.items() if k not in ("loss", "state")}
+                    if metrics:
+                        client.log_dict(metrics)
                 else:
                     loss = out
                 self.backward_step(loss)

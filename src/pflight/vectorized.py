@@ -410,6 +410,7 @@ class Stepper:
             if layers is not None and names == set(run.trainable) == set(run.names):
                 self.fused = layers
         self.views: list[list[Tensor]] = []
+        self.carried: set[str] = set()  # round_state keys the steps update
         self.optimizer: torch.optim.Optimizer | None = None
         if not self.sgd:  # one view per (client, tensor): the optimizer keeps each client's own state
             self.views = [[run.state[n][c] for n in run.trainable] for c in range(len(run.client_ids))]
@@ -418,10 +419,10 @@ class Stepper:
 
         def one(train: dict[str, Tensor], const: dict[str, Tensor], batch: Any, state: Any) -> Any:
             out = objective({**const, **train}, batch, state)
-            loss, aux = (
-                (out["loss"], {k: v for k, v in out.items() if k != "loss"}) if isinstance(out, dict) else (out, {})
-            )
-            return loss, (loss, aux)
+            if not isinstance(out, dict):
+                return out, (out, {}, {})
+            aux = {k: v for k, v in out.items() if k not in ("loss", "state")}
+            return out["loss"], (out["loss"], aux, out.get("state") or {})
 
         self.grad = vmap(grad(one, has_aux=True))
 
@@ -462,9 +463,12 @@ class Stepper:
             batch = batches[0] if len(batches) == 1 else tuple(batches)
             train = {n: view[n] for n in run.trainable}
             const = {n: view[n] for n in run.names if n not in train}
-            grads, (loss, aux) = self.grad(train, const, batch, state)
+            grads, (loss, aux, carried) = self.grad(train, const, batch, state)
             aux = {k: v.detach().clone() for k, v in aux.items()}  # a metric may be a view of the weights
             self._update(grads, t, m)
+            for key, value in carried.items():  # round_state entries carried to the next step
+                tree_map(lambda old, new: old[:m].copy_(new), run.round_state[key], value)  # noqa: B023
+                self.carried.add(key)
         if self.post_step is not None:
             with torch.no_grad():
                 new = self.post_step(view, before, state)
@@ -633,6 +637,8 @@ def train_clients(
                     f" {round_idx + 1}: lower the learning rate (`--model.client.init_args.lr`) or use float32"
                     " precision. The last good checkpoint is kept; resume from it with `--ckpt_path last`."
                 )
+            for key in stepper.carried:  # what the steps carried, this client's own
+                round_states[i][key] = tree_map(lambda v: v[c].clone(), run.round_state[key])  # noqa: B023
             client.context, client.round_state = ctx, round_states[i]
             weights = {n: run.state[n][c] for n in names}
             load_float_state(client.net, weights)

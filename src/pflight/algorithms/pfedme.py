@@ -18,11 +18,9 @@ The local step goes through the contract: :meth:`PFedMe.loss` computes ``theta``
 ``f(theta; batch) + (lambda / 2) ||w - theta||^2``, whose gradient in ``w`` is exactly ``lambda (w - theta)``; the
 local optimizer (plain SGD of ``lr`` = the paper's eta by default) makes it line 8 of Algorithm 1. The vectorized
 executor vmaps that ``loss``. The sequential executor runs :meth:`PFedMe.training_step`, the same math with
-``torch.autograd`` inner gradients (about 2x faster than ``torch.func.grad`` in eager mode on small networks),
-which also keeps the solved ``theta`` in ``round_state`` for the next step's warm start. The warm start is why the
-default runs sequentially: ``loss`` is pure and a step has no channel to return the new ``theta`` to the
-vectorized executor; carrying ``theta`` as extra network parameters would need its optimizer update to land exactly
-on the solved value, true only for plain SGD with ``lr`` 1 on those entries, so it is not done.
+``torch.autograd`` inner gradients (about 2x faster than ``torch.func.grad`` in eager mode on small networks).
+With the warm start both return the solved ``theta`` under the ``state`` key, which the executors carry in
+``round_state`` to the next step (stacked per client in the vectorized executor).
 
 Evaluation ("pFedMe (PM)", the paper's personalized model): every client, seen or new, solves its own inner
 problem anchored at the current global model on its train split (``eval_batches`` minibatches, K steps each,
@@ -33,7 +31,7 @@ beta 1, R = 20 local steps. Deliberate deviations from the paper and that code:
 
 - ``warm_start=True`` (default) follows the code: ``theta`` starts at ``w^t`` each round and each inner solve
   starts from the previous one's result (the paper leaves the start open). ``warm_start=False`` starts every
-  inner solve at the current ``w_i``; only that variant runs on the vectorized executor (:meth:`vectorized_reason`).
+  inner solve at the current ``w_i``. Both run on either executor.
 - Only the sampled clients train. Algorithm 1 (and the code) has every client update and only the sampled ones
   send; the others' work changes nothing but their own ``theta``, which evaluation recomputes anyway.
 - The server weights clients by training samples as the code does (the paper: uniform ``1/S``; ``weighted=False``).
@@ -282,33 +280,33 @@ class PFedMe(ClientModule):
         return {"loss": loss, "personal_loss": personal}, theta
 
     @override
-    def loss(self, params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> dict[str, Tensor]:
-        """The envelope estimate (:meth:`moreau_step`), ``theta`` from ``state["theta"]`` when the step carries one."""
-        out, _ = self.moreau_step(params, batch, state.get("theta"))
-        return out
+    def on_local_train_start(self) -> None:
+        """With ``warm_start``, the round's first inner solve starts at the received ``w^t``."""
+        if self.warm_start:
+            self.round_state["theta"] = {
+                n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad
+            }
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """:meth:`loss` at the network's weights (eager inner gradients).
+    def loss(self, params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The envelope estimate (:meth:`moreau_step`) from ``state["theta"]``.
 
-        With ``warm_start`` the solved ``theta`` starts the next step's inner solve.
+        With ``warm_start`` the solved ``theta`` is carried to the next step (the ``state`` key).
         """
+        out, theta = self.moreau_step(params, batch, state.get("theta"))
+        return {**out, "state": {"theta": theta}} if self.warm_start else out
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """:meth:`loss` at the network's weights, with eager inner gradients (faster than ``torch.func`` eagerly)."""
         out, theta = self.moreau_step(self.params(), as_batch(batch), self.round_state.get("theta"), functional=False)
-        if self.warm_start:
-            self.round_state["theta"] = theta
-        return out
+        return {**out, "state": {"theta": theta}} if self.warm_start else out
 
     @override
     def vectorized_reason(self) -> str | None:
-        """Vectorized with ``warm_start=False`` (each step is then :meth:`loss` alone), sequential otherwise."""
+        """Vectorized: its ``training_step`` is :meth:`loss` with eager inner gradients."""
         if type(self).training_step is not PFedMe.training_step:
             return super().vectorized_reason()
-        if self.warm_start:
-            return (
-                f"`{type(self).__name__}(warm_start=True)` starts each inner solve from the theta of the previous"
-                " local step, which a step cannot hand back to the vectorized executor; `warm_start=False` starts"
-                " it at w and runs vectorized"
-            )
         return None
 
     # ------------------------------------------------------------------ evaluation
