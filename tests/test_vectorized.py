@@ -118,12 +118,33 @@ def test_vectorized_equals_sequential(make: Callable[[nn.Module], ClientModule])
     assert_same_tensors(seq.last_round_metrics, vec.last_round_metrics)
     loss_a, loss_b = seq.trainer.callback_metrics["train/loss"], vec.trainer.callback_metrics["train/loss"]
     torch.testing.assert_close(loss_b, loss_a)
+    assert_same_tensors(logged_norms(seq), logged_norms(vec))  # what the loss returns next to itself (Per-FedAvg)
     assert_same_tensors(float_state(seq.client.net), float_state(vec.client.net))  # as the last client left it
 
 
-@pytest.mark.parametrize("make", [ALGORITHMS["fedavgft"], ALGORITHMS["fedora"]], ids=["fedavgft", "fedora"])
+def logged_norms(fed: Federation) -> dict[str, torch.Tensor]:
+    """The round's ``train/norm_*`` metrics (the extra keys of Per-FedAvg's loss)."""
+    return {k: v for k, v in fed.trainer.callback_metrics.items() if k.startswith("train/norm_")}
+
+
+@pytest.mark.parametrize("name", ["perfedavg-hf", "perfedavg-maml"])
+def test_perfedavg_norms_are_logged_by_both_executors(name: str) -> None:
+    """The norms of g1, H g1 and the direction that Per-FedAvg's loss returns are logged per round by both
+    executors (clients' means over their steps, averaged over the clients), with the same values."""
+    seq, vec = run_both(ALGORITHMS[name], rounds=1)
+    assert vec._fallback_reason is None
+    assert sorted(logged_norms(seq)) == ["train/norm_direction", "train/norm_g1", "train/norm_hvp"]
+    assert_same_tensors(logged_norms(seq), logged_norms(vec))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [ALGORITHMS["fedavgft"], ALGORITHMS["fedora"], ALGORITHMS["perfedavg-hf"]],
+    ids=["fedavgft", "fedora", "perfedavg-hf"],
+)
 def test_evaluation_after_vectorized_rounds_is_unchanged(make: Callable[[nn.Module], ClientModule]) -> None:
-    """Personalized evaluation after vectorized training reports what it reports after sequential training."""
+    """Personalized evaluation after vectorized training reports what it reports after sequential training
+    (Per-FedAvg's one step of size alpha is a fine-tuning plan: its evaluation is vectorized too)."""
     feds = [
         run_federation(make(small_net()), ragged_data(), 1, federation_kwargs={"executor": executor})
         for executor in ("sequential", "vectorized")
@@ -183,8 +204,9 @@ class _LayerwiseSGD(torch.optim.SGD):
         (lambda n: Reptile(n, persist_optimizer_state=True), "persist_optimizer_state"),
         (lambda n: FedAvg(n, optimizer=partial(_LayerwiseSGD, lr=1e-3)), "_LayerwiseSGD is not known to update"),
         (lambda n: FedAvg(nn.Sequential(n, nn.Dropout(0.1))), "dropout"),
+        (lambda n: MetaSGD(n), "`MetaSGD` learns its inner learning rates"),
     ],
-    ids=["own-training-step", "personalized-fedavg", "reptile-persistent", "layerwise-optimizer", "dropout"],
+    ids=["own-training-step", "personalized-fedavg", "reptile-persistent", "layerwise-optimizer", "dropout", "metasgd"],
 )
 def test_unsupported_clients_fall_back_with_a_reason(make: Callable[[nn.Module], ClientModule], reason: str) -> None:
     """Clients the executor cannot serve are trained sequentially; the logged reason names the cause."""

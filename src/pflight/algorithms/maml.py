@@ -1,27 +1,38 @@
 """FedMeta clients: MAML / FOMAML and Meta-SGD, with their server.
 
-Conventions shared with the other meta-learning clients (weight dicts in inner loops, float32 inner math,
-the BatchNorm policy, the outer loss through ``manual_backward``): :mod:`pflight.algorithms.meta_base`.
+Chen, Luo, Dong, Li, He, "Federated Meta-Learning with Fast Convergence and Efficient Communication"
+(FedMeta, arXiv:1802.07876), on Finn, Abbeel, Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of
+Deep Networks" (MAML, ICML 2017) and Li, Zhou, Chen, Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot
+Learning" (arXiv:1707.09835).
+
+Conventions shared with the other meta-learning clients (one ``loss`` for both executors, weight dicts in
+inner loops, float32 inner math, the BatchNorm policy): :mod:`pflight.algorithms.meta_base`.
 
 - :class:`MAML` (FOMAML with ``first_order``): uploads its mean meta-gradient; the server
   (:class:`FedMetaServer`) averages and steps Adam; evaluation runs the same inner steps on the support view.
-- :class:`MetaSGD`: as MAML, with a learned per-parameter inner learning rate α trained by the server.
+- :class:`MetaSGD`: as MAML, with a learned per-parameter inner learning rate α trained by the server
+  (sequential executor only: α lives outside the network).
+
+Deviations from FedMeta's Algorithm 1: the server steps Adam(``meta_lr``) on the mean meta-gradient by
+default (as the Flower baseline; plain SGD with ``server_optimizer``); the support loss is over a minibatch of
+S when S exceeds ``batch_size`` (the paper: all of S), and the k inner steps reuse that one batch (not the
+Flower baseline's k epochs of minibatch steps); a client may take several meta-steps per round
+(``local_steps``) and uploads their mean meta-gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
 from pflight.algorithms.meta_base import GradientAccumulator, _device_type, _draw, support_query_split
-from pflight.algorithms.meta_functional import adapt, copy_buffers, forward, full_precision, upcast
-from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.algorithms.meta_functional import adapt, copy_buffers, cross_entropy_loss, full_precision
+from pflight.client import Batch, ClientContext, ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
 from pflight.server import FedAvgServer, Server
 from pflight.streams import Stream, stream_seed
@@ -102,9 +113,10 @@ class MAML(ClientModule):
     Each client's train split is cut once (seeded by the client id) into a support view S
     (``support_fraction`` of it) and a query view Q. Local training, per meta-step::
 
-        xs, ys = a support batch of S (all of S when it fits in a batch); xq, yq = a query batch of Q
-        theta_k = adapt(theta; xs, ys; inner_steps steps of inner_lr)   # float32; graph kept unless first_order
-        return CE(theta_k; xq, yq)                                       # the federation's manual_backward
+        step_batches: (xs, ys) = a support batch of S (all of S when it fits in a batch),
+                      (xq, yq) = a query batch of Q, drawn from the client's generator
+        loss:         theta_k = adapt(theta; xs, ys; inner_steps steps of inner_lr)   # float32; differentiable
+                      return CE(theta_k; xq, yq)                                          # unless first_order
         optimizer step: accumulate d CE / d theta, theta does not move   # GradientAccumulator
 
     The federation's train batches only pace the meta-steps (``local_steps`` per round, 1 by default:
@@ -113,12 +125,17 @@ class MAML(ClientModule):
     and applies Adam(``meta_lr``) by default. ``first_order=False`` gives the exact meta-gradient
     ``(I - α H_0) ... (I - α H_{k-1}) ∇ℓ_Q(θ_k)``; ``first_order=True`` gives ``∇ℓ_Q(θ_k)``.
 
+    The loss is written once: the sequential executor backpropagates it (``manual_backward``), the
+    vectorized executor takes ``vmap(grad(loss))`` over the stacked clients, the inner gradients then nested
+    ``torch.func`` transforms (:func:`~pflight.algorithms.meta_functional.adapt`), and steps one
+    :class:`~pflight.algorithms.meta_base.GradientAccumulator` state per client.
+
     Evaluation: ``eval_inner_steps`` inner steps on a support batch of S, then the adapted model is evaluated.
 
-    BatchNorm: the support passes update this client's copy of the received statistics (its
-    statistics, uploaded as ``received - client`` and averaged by the server); query passes run on a
-    throwaway copy; the received model's buffers are never written. At evaluation the support passes
-    give the adapted model its statistics.
+    BatchNorm (sequential executor only): the support passes update this client's copy of the received
+    statistics (``round_state["stats"]``, uploaded as ``received - client`` and averaged by the server);
+    query passes run on a throwaway copy; the received model's buffers are never written. At evaluation
+    the support passes give the adapted model its statistics.
 
     Args:
         net: the network.
@@ -172,7 +189,6 @@ class MAML(ClientModule):
         self.server_optimizer = server_optimizer
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self._accumulator: GradientAccumulator | None = None
-        self._stats: dict[str, Tensor] = {}  # this client's BatchNorm statistics during local training
 
     # ---------------------------------------------------------------- setup
     @override
@@ -195,9 +211,9 @@ class MAML(ClientModule):
         return self.inner_lr
 
     # ---------------------------------------------------------------- data
-    def support_query(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """The current client's fixed support and query views of its train split, on its device."""
-        ctx = self.context
+    def support_query(self, ctx: ClientContext | None = None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Client ``ctx``'s fixed support and query views of its train split, on its device (default: the current)."""
+        ctx = ctx if ctx is not None else self.context
         if ctx is None:
             raise RuntimeError(
                 f"`{type(self).__name__}.support_query()` needs a client context: run it in a federation."
@@ -208,28 +224,52 @@ class MAML(ClientModule):
         dev = ctx.device
         return (x[s].to(dev), y[s].to(dev)), (x[q].to(dev), y[q].to(dev))
 
-    def meta_batches(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """A support batch of S and a query batch of Q (each whole when it fits in ``batch_size``)."""
-        assert self.context is not None
-        (xs, ys), (xq, yq) = self.support_query()
-        size, gen = self.context.batch_size, self.context.generator
+    def meta_batches(self, ctx: ClientContext | None = None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """A support batch of S and a query batch of Q (each whole when it fits in ``batch_size``).
+
+        Drawn from ``ctx.generator`` (default: the current client's context).
+        """
+        ctx = ctx if ctx is not None else self.context
+        (xs, ys), (xq, yq) = self.support_query(ctx)
+        assert ctx is not None
+        size, gen = ctx.batch_size, ctx.generator
         return _draw(xs, ys, size, gen), _draw(xq, yq, size, gen)
+
+    @override
+    def step_batches(self, ctx: ClientContext, batches: Iterator[Any]) -> Iterator[Any]:
+        """One (support batch, query batch) pair per federation batch, which only paces the meta-steps."""
+        for _ in batches:
+            yield self.meta_batches(ctx)
 
     # ---------------------------------------------------------------- training
     @override
     def on_local_train_start(self) -> None:
-        """Start this client's statistics from the received ones."""
-        self._stats = copy_buffers(self.net)
+        """Start this client's statistics from the received ones (``round_state["stats"]``)."""
+        self.round_state["stats"] = copy_buffers(self.net)
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One meta-step: adapt on a support batch (float32), return the query loss at the adapted weights."""
-        (xs, ys), (xq, yq) = self.meta_batches()
-        with full_precision(_device_type(self.net)):
-            params = dict(self.net.named_parameters())
-            fast = adapt(self.net, params, self._stats, xs, ys, self.inner_lrs(), self.inner_steps, self.first_order)
-        query_stats = {n: b.clone() for n, b in self._stats.items()}  # the query pass must not move statistics
-        return F.cross_entropy(upcast(forward(self.net, fast, query_stats, xq)), yq)
+    def loss(self, params: Mapping[str, Tensor], batch: Any, state: Mapping[str, Any]) -> Tensor:
+        """One meta-step on ``(support, query)``: adapt on the support batch (float32), the query CE at the result."""
+        if not (isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(b, Batch) for b in batch)):
+            raise ValueError(
+                f"`{type(self).__name__}.loss` takes a (support, query) pair of batches per step, got"
+                f" {type(batch).__name__}: draw them with `step_batches` (the federation does)."
+            )
+        support, query = batch
+        theta = {n: params[n] for n in self.trainable_names()}
+        stats = state.get("stats", {})  # the support passes move this client's statistics (sequential only)
+
+        def support_loss(p: Mapping[str, Tensor]) -> Tensor:
+            return cross_entropy_loss(self.net, p, {**params, **stats}, support)
+
+        with full_precision(next(iter(theta.values())).device.type):
+            fast = adapt(support_loss, theta, self.inner_lrs(), self.inner_steps, self.first_order)
+        query_stats = {n: b.clone() for n, b in stats.items()}  # the query pass must not move statistics
+        return cross_entropy_loss(self.net, fast, {**params, **query_stats}, query)
+
+    def trainable_names(self) -> list[str]:
+        """The network's parameters the meta-gradient is taken for (its trainable ones)."""
+        return [n for n, p in self.net.named_parameters() if p.requires_grad]
 
     @override
     def upload(self) -> Message | None:
@@ -239,9 +279,10 @@ class MAML(ClientModule):
         if acc is None or acc.num_steps() == 0:
             return None  # every step was skipped (non-finite 16-bit gradients): nothing to report
         tensors = {name: acc.mean_gradient(p).detach().clone() for name, p in self.trainable().items()}
+        stats = self.round_state.get("stats", {})
         for name, b in self.net.named_buffers():
-            if b.is_floating_point() and name in self._stats:
-                tensors[name] = (b - self._stats[name]).detach()
+            if b.is_floating_point() and name in stats:
+                tensors[name] = (b - stats[name]).detach()
         return Message("gradient", tensors, n_samples=self.context.data.num_samples("train"))
 
     # ---------------------------------------------------------------- evaluation
@@ -251,14 +292,19 @@ class MAML(ClientModule):
         if self.eval_inner_steps == 0:
             return
         (xs, ys), _ = self.meta_batches()
+        support = Batch(xs, ys)
         lr = self.inner_lrs()
         lr = {n: a.detach() for n, a in lr.items()} if isinstance(lr, dict) else lr
         was_training = self.net.training
         self.net.train()
         stats = copy_buffers(self.net)
+
+        def support_loss(p: Mapping[str, Tensor]) -> Tensor:
+            return cross_entropy_loss(self.net, p, stats, support)
+
         with torch.enable_grad(), full_precision(_device_type(self.net)):
-            start = {n: p.detach().requires_grad_(True) for n, p in self.net.named_parameters()}
-            fast = adapt(self.net, start, stats, xs, ys, lr, self.eval_inner_steps, first_order=True)
+            start = {n: p.detach() for n, p in self.net.named_parameters()}
+            fast = adapt(support_loss, start, lr, self.eval_inner_steps, first_order=True)
         load_float_state(self.net, {**{n: p.detach() for n, p in fast.items()}, **stats})
         self.net.train(was_training)
 
@@ -270,6 +316,10 @@ class MetaSGD(MAML):
     (for one inner step ``∂ℓ_Q/∂α = −∇ℓ_S(θ) ⊙ ∇ℓ_Q(θ')``, not θ's gradient). The server holds α next
     to θ (global-state entries ``inner_lr/<parameter name>``, initialized to ``inner_lr``) and trains
     both with its optimizer. α may become negative, as Meta-SGD allows. Arguments as :class:`MAML`.
+
+    Its :meth:`~MAML.loss` is MAML's (α enters through :meth:`inner_lrs`), run by the sequential executor:
+    α is a parameter of the client module, outside the network, which the vectorized executor neither
+    stacks per client nor differentiates (:meth:`vectorized_reason`).
     """
 
     def __init__(
@@ -301,6 +351,15 @@ class MetaSGD(MAML):
         )
         self.param_names = [n for n, _ in net.named_parameters()]
         self.alphas = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), inner_lr)) for p in net.parameters()])
+
+    @override
+    def vectorized_reason(self) -> str | None:
+        """Sequential: the learned α is outside the network, which is all the vectorized executor stacks."""
+        return super().vectorized_reason() or (
+            f"`{type(self).__name__}` learns its inner learning rates α, parameters of the client module outside"
+            " the network, which the vectorized executor neither stacks per client nor differentiates (use `MAML`"
+            " for a fixed α)"
+        )
 
     @override
     def inner_lrs(self) -> dict[str, Tensor]:

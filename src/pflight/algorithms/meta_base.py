@@ -4,16 +4,21 @@ The clients live one family per module: :mod:`pflight.algorithms.maml` (MAML / F
 FedMeta family), :mod:`pflight.algorithms.perfedavg` (Per-FedAvg) and :mod:`pflight.algorithms.reptile`
 (Reptile, Personalized FedAvg). They share these conventions:
 
-Each client's ``training_step`` is the algorithm; the math is in :mod:`pflight.algorithms.meta_functional`.
-Inner loops never mutate the network: adapted weights are new tensors run through
-``torch.func.functional_call``, with BatchNorm buffers passed explicitly. Which passes may update which
-running statistics is stated per class ("BatchNorm" paragraphs); no inner, perturbed or query pass ever
-writes into the statistics of the model the client received.
+Each client's local step is its ``loss(params, batch, state)`` (the :class:`~pflight.client.ClientModule`
+contract), written once: the sequential executor differentiates it with Lightning's ``manual_backward``, the
+vectorized one with ``vmap(torch.func.grad(loss))``. Inner gradients, Hessian-vector products and finite
+differences inside it go through :func:`~pflight.algorithms.meta_functional.grad_and_value`, which is
+``torch.func`` under a transform and ``torch.autograd`` otherwise; the math is in
+:mod:`pflight.algorithms.meta_functional`. Inner loops never mutate the network: adapted weights are new
+tensors run through ``torch.func.functional_call``, with BatchNorm buffers passed explicitly. Which passes may
+update which running statistics is stated per class ("BatchNorm" paragraphs; only the sequential executor
+meets BatchNorm, the vectorized one refuses networks with running statistics); no inner, perturbed or query
+pass ever writes into the statistics of the model the client received.
 
 Precision: inner-loop gradients, Hessian-vector products and finite differences run in float32 with
-autocast disabled (:func:`~pflight.algorithms.meta_functional.full_precision`); the loss each
-``training_step`` returns is the outer loss, which the federation backpropagates with
-``manual_backward`` (so a 16-bit loss scaler scales it and the precision plugin unscales before the step).
+autocast disabled (:func:`~pflight.algorithms.meta_functional.full_precision`); the loss each step returns
+is the outer loss, which the sequential executor backpropagates with ``manual_backward`` (so a 16-bit loss
+scaler scales it and the precision plugin unscales before the step).
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class GradientAccumulator(torch.optim.Optimizer):
 
     FedMeta clients upload their mean query-loss gradient instead of training. Stepping through an
     optimizer lets Lightning's precision plugin unscale 16-bit gradients first (and skip non-finite steps).
+    Its update is elementwise (``elementwise = True``): the vectorized executor steps it on every client's
+    views of the stacked weights at once, each view keeping its own state, and puts each client's state
+    (``grad_sum``, ``steps``) into the client's optimizer before its upload.
 
     >>> w = nn.Parameter(torch.zeros(2))
     >>> acc = GradientAccumulator([w])
@@ -74,6 +82,8 @@ class GradientAccumulator(torch.optim.Optimizer):
     >>> acc.mean_gradient(w).tolist(), w.tolist(), acc.num_steps()
     ([2.0, 2.0], [0.0, 0.0], 2)
     """
+
+    elementwise = True  # each tensor's state depends on that tensor's gradients only
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> None:
         super().__init__(params, {})

@@ -1,10 +1,16 @@
 """Per-FedAvg (Fallah et al. 2020), variants ``maml``, ``fo`` and ``hf``.
 
-Conventions shared with the other meta-learning clients (weight dicts in inner loops, float32 inner math,
-the BatchNorm policy, the outer loss through ``manual_backward``): :mod:`pflight.algorithms.meta_base`.
+Fallah, Mokhtari, Ozdaglar, "Personalized Federated Learning with Theoretical Guarantees: A Model-Agnostic
+Meta-Learning Approach", NeurIPS 2020 (arXiv:2002.07948).
+
+Conventions shared with the other meta-learning clients (one ``loss`` for both executors, weight dicts in
+inner loops, float32 inner math, the BatchNorm policy): :mod:`pflight.algorithms.meta_base`.
 
 - :class:`PerFedAvg` (``maml``, ``fo``, ``hf``): uploads weights; uniform server mean; evaluation is one
   SGD step of size α on one train batch.
+
+Deviations: none by default. ``hessian_batch="inner"`` is an option beside the paper's independent D″
+(autograd through the inner step: the Hessian on D, as several reimplementations compute it).
 """
 
 from __future__ import annotations
@@ -14,24 +20,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
-from pflight.algorithms.meta_base import _device_type
 from pflight.algorithms.meta_functional import (
     central_difference_hvp,
-    copy_buffers,
     cross_entropy_loss,
-    forward,
     full_precision,
-    gradient,
+    global_norm,
+    grad_and_value,
     hessian_vector_product,
     linear_surrogate,
     sgd_step,
-    upcast,
 )
-from pflight.client import ClientModule
-from pflight.messages import Message
+from pflight.client import Batch, ClientContext, ClientModule, FineTune
 from pflight.server import FedAvgServer, Server
 
 PER_FEDAVG_VARIANTS = ("maml", "fo", "hf")
@@ -41,29 +42,35 @@ HESSIAN_BATCHES = ("independent", "inner")
 class PerFedAvg(ClientModule):
     """Per-FedAvg (Fallah et al. 2020): learn an initialization from which one local SGD step personalizes.
 
-    Each local step gets independent train batches D, D′ (and D″; FO uses only two)::
+    Each local step gets independent train batches D, D′ (and D″; FO uses only two), and its :meth:`loss`
+    is, at the pre-inner weights w::
 
         g0 = ∇ℓ(w; D);  w̃ = w − α g0                      # temporary: w itself is not changed
+        fo:   return ℓ(w − α·stopgrad(g0); D′)             # its gradient is g1 = ∇ℓ(w̃; D′)
         g1 = ∇ℓ(w̃; D′)
-        fo:   direction = g1                               # returned: CE(w − α·stopgrad(g0); D′)
         maml: direction = g1 − α ∇²ℓ(w; D″) g1             # exact HVP by double backward
         hf:   direction = g1 − α [∇ℓ(w + δg1; D″) − ∇ℓ(w − δg1; D″)] / 2δ
-        w ← w − β direction                                # SGD(lr=β) on the pre-inner weights
+        return ℓ(w̃; D′) + linear_surrogate(w, direction)   # value: the query loss; gradient: the direction
+        executor: w ← w − β ∇_w loss = w − β direction     # the local SGD(lr=β), on the pre-inner weights
 
-    g0, g1, the HVP and the finite difference are computed in float32 (autocast off); the returned loss
-    is the query loss ``ℓ(w̃; D′)`` plus a zero-valued surrogate whose gradient is the direction, so the
-    federation's ``manual_backward`` (and loss scaler) deliver it. With ``hessian_batch="inner"`` the
-    ``maml`` variant instead backpropagates through the inner step (Hessian on D, two batches).
+    g0, g1, the HVP and the finite difference are computed inside the loss, in float32 (autocast off), by
+    :func:`~pflight.algorithms.meta_functional.grad_and_value`: ``torch.autograd`` when the sequential
+    executor calls the loss (its ``manual_backward`` and loss scaler then deliver the direction),
+    ``torch.func`` nested in the vectorized executor's ``vmap(grad(loss))``. With ``hessian_batch="inner"``
+    the ``maml`` variant instead returns ``ℓ(w − α g0; D′)`` with g0 differentiable (Hessian on D, two batches).
 
     The client uploads its weights; the server takes the uniform mean (``weighted=True``: by training
     samples, which changes the objective to Σ p_i F_i). Evaluation: ``personalize_steps`` (1) SGD steps
-    of size α on one train batch each, then test.
+    of size α on one train batch each (float32), then test; as a :class:`~pflight.client.FineTune` plan,
+    so the vectorized executor personalizes many clients at once.
 
-    BatchNorm: only the D pass at w updates the client's statistics (the network's buffers, uploaded
-    with the weights); the passes at w̃, w ± δg1 and the HVP pass on D″ run on throwaway copies.
+    BatchNorm (sequential executor only): only the D pass at w updates the client's statistics (the
+    network's buffers, uploaded with the weights); the passes at w̃, w ± δg1 and the HVP pass on D″ run on
+    throwaway copies.
 
-    The MAML (independent batch) and HF variants report the round's mean norms of g1, of the
-    Hessian-vector product and of the direction in their upload's metrics (logged as ``train/norm_*``).
+    The MAML (independent batch) and HF variants return the norms of g1, of the Hessian-vector product and
+    of the direction next to the loss (``norm_g1``, ``norm_hvp``, ``norm_direction``): the executors log each
+    client's mean over its steps, averaged over the round's clients, as ``train/norm_*``.
 
     Args:
         net: the network.
@@ -112,8 +119,6 @@ class PerFedAvg(ClientModule):
         self.personalize_steps = personalize_steps
         self.through_inner = variant == "maml" and hessian_batch == "inner"
         self.batches_per_step = 2 if variant == "fo" or self.through_inner else 3
-        self._norms: dict[str, Tensor] = {}  # summed over the round's steps, reported in the upload's metrics
-        self._steps = 0
 
     @override
     def configure_server(self) -> Server:
@@ -121,78 +126,63 @@ class PerFedAvg(ClientModule):
         return FedAvgServer(weighted=self.weighted)
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One Per-FedAvg step on ``(D, D′[, D″])``; the returned loss's gradient is the update direction."""
-        if len(batch) != self.batches_per_step:
+    def loss(self, params: Mapping[str, Tensor], batch: Any, state: Mapping[str, Any]) -> Tensor | dict[str, Tensor]:
+        """One Per-FedAvg step on ``(D, D′[, D″])``: the query loss, whose gradient is the update direction."""
+        if not isinstance(batch, tuple) or len(batch) != self.batches_per_step:
+            got = len(batch) if isinstance(batch, tuple) else type(batch).__name__
             raise ValueError(
                 f"`PerFedAvg(variant={self.variant!r})` takes {self.batches_per_step} batches per step, got"
-                f" {len(batch)}: pass a tuple (D, D′{', D″' if self.batches_per_step == 3 else ''})."
+                f" {got}: pass a tuple (D, D′{', D″' if self.batches_per_step == 3 else ''})."
             )
-        (x0, y0), (x1, y1) = batch[0], batch[1]
-        params = dict(self.net.named_parameters())
-        device = _device_type(self.net)
+        w = {n: params[n] for n, p in self.net.named_parameters() if p.requires_grad}
+        device = next(iter(w.values())).device.type
+        own: dict[str, Tensor] = dict(params)  # the D pass: the client's own statistics (sequential: in place)
         with full_precision(device):
-            # the D pass at w is the only one that updates the client's BatchNorm statistics
-            g0 = gradient(cross_entropy_loss(self.net, params, None, x0, y0), params, create_graph=self.through_inner)
-            if not self.through_inner:
-                g0 = {n: g.detach() for n, g in g0.items()}
-        w_tilde = sgd_step(params, g0, self.alpha)  # depends on w through the identity (and g0 when through_inner)
+            at = w if self.through_inner else {n: t.detach() for n, t in w.items()}  # g0 a constant unless inner
+            g0, _ = grad_and_value(lambda p: cross_entropy_loss(self.net, p, own, batch[0]), at, self.through_inner)
+        w_tilde = sgd_step(w, g0, self.alpha)  # depends on w through the identity (and g0 when through_inner)
+        throwaway = {**params, **self._buffer_copies(params)}  # every later pass: statistics that are discarded
+
+        def ce(p: Mapping[str, Tensor], b: Batch) -> Tensor:
+            return cross_entropy_loss(self.net, p, throwaway, b)
+
         if self.variant == "fo" or self.through_inner:
-            return F.cross_entropy(upcast(forward(self.net, w_tilde, copy_buffers(self.net), x1)), y1)
-        x2, y2 = batch[2]
-        if any(p.dtype not in (torch.float32, torch.float64) for p in params.values()):
+            return ce(w_tilde, batch[1])
+        if any(p.dtype not in (torch.float32, torch.float64) for p in w.values()):
             raise ValueError(
                 f"`PerFedAvg(variant={self.variant!r})` needs float32 weights for its Hessian term, got"
-                f" {next(iter(params.values())).dtype}: use `precision` 32-true, bf16-mixed or 16-mixed, not *-true."
+                f" {next(iter(w.values())).dtype}: use `precision` 32-true, bf16-mixed or 16-mixed, not *-true."
             )
         with full_precision(device):
-            tilde = {n: p.detach().requires_grad_(True) for n, p in w_tilde.items()}
-            query_loss = cross_entropy_loss(self.net, tilde, copy_buffers(self.net), x1, y1)
-            g1 = gradient(query_loss, tilde)
+            g1, query_loss = grad_and_value(lambda p: ce(p, batch[1]), {n: t.detach() for n, t in w_tilde.items()})
 
             def loss_d2(p: Mapping[str, Tensor]) -> Tensor:
-                return cross_entropy_loss(self.net, p, copy_buffers(self.net), x2, y2)
+                return ce(p, batch[2])
 
             if self.variant == "maml":
-                h = hessian_vector_product(loss_d2, params, g1)
+                h = hessian_vector_product(loss_d2, w, g1)
             else:
+                h = central_difference_hvp(lambda p: grad_and_value(loss_d2, p)[0], w, g1, self.delta)
+            direction = {n: g1[n] - self.alpha * h[n] for n in w}
+        return {
+            "loss": query_loss.detach() + linear_surrogate(w, direction),
+            "norm_g1": global_norm(g1),
+            "norm_hvp": global_norm(h),
+            "norm_direction": global_norm(direction),
+        }
 
-                def grad_d2(p: Mapping[str, Tensor]) -> dict[str, Tensor]:
-                    leaf = {n: t.requires_grad_(True) for n, t in p.items()}
-                    return gradient(loss_d2(leaf), leaf)
+    def _buffer_copies(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Copies of the network's buffers (float ones as ``params`` holds them), for passes that must not move them.
 
-                h = central_difference_hvp(grad_d2, params, g1, self.delta)
-            direction = {n: g1[n] - self.alpha * h[n] for n in params}
-            self._record(g1=g1, hvp=h, direction=direction)
-        return query_loss.detach() + linear_surrogate(params, direction)
-
-    def _record(self, **vectors: Mapping[str, Tensor]) -> None:
-        """Add this step's norms of ``vectors`` (dicts of tensors) to the round's sums."""
-        for key, vec in vectors.items():
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(v.detach().float()) for v in vec.values()])
-            )
-            self._norms[key] = self._norms[key] + norm if key in self._norms else norm
-        self._steps += 1
+        In train mode a BatchNorm normalizes with the batch's statistics and only writes its running ones, so
+        one set of copies serves every such pass of a step.
+        """
+        return {n: params.get(n, b).detach().clone() for n, b in self.net.named_buffers()}
 
     @override
-    def on_local_train_start(self) -> None:
-        """Reset the logged norms."""
-        self._norms, self._steps = {}, 0
-
-    @override
-    def upload(self) -> Message | None:
-        """The weights, with the round's mean norms of g1, the Hessian-vector product and the update direction."""
-        message = super().upload()
-        if message is not None and self._steps:
-            message.metrics.update({f"norm_{k}": float(v) / self._steps for k, v in self._norms.items()})
-        return message
-
-    @override
-    def personalize(self) -> None:
-        """``personalize_steps`` SGD steps of size α on train batches (float32)."""
-        with full_precision(_device_type(self.net)):
-            self.fine_tune(steps=self.personalize_steps, lr=self.alpha)
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
+        """``personalize_steps`` SGD steps of size α on train batches (float32, ``fine_tune``)."""
+        return FineTune(steps=self.personalize_steps, lr=self.alpha) if self.personalize_steps > 0 else None
 
 
 __all__ = ["HESSIAN_BATCHES", "PER_FEDAVG_VARIANTS", "PerFedAvg"]
