@@ -140,13 +140,14 @@ def step_times(makers: dict[str, Callable[[nn.Module], ClientModule]], args: arg
         )
         opt = client.configure_optimizers()
         opt = opt[0] if isinstance(opt, list) else opt
-        step_batch = (
+        paced = (
             tuple(copy.deepcopy(batch) for _ in range(client.batches_per_step))
             if client.batches_per_step > 1
             else batch
         )
         client.train()
         client.on_local_train_start()
+        step_batch = next(iter(client.step_batches(client.context, iter([paced]))))  # MAML: its (support, query)
         runs[name] = (client, opt, step_batch)
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
     times: dict[str, list[float]] = {name: [] for name in makers}
@@ -155,7 +156,8 @@ def step_times(makers: dict[str, Callable[[nn.Module], ClientModule]], args: arg
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = clock()
-            client.training_step(step_batch, i).backward()
+            out = client.training_step(step_batch, i)
+            (out["loss"] if isinstance(out, dict) else out).backward()
             client.local_optimizer_step(opt)
             if device.type == "cuda":
                 torch.cuda.synchronize()

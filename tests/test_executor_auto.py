@@ -56,7 +56,7 @@ def test_what_the_vectorized_executor_cannot_serve_runs_sequential():
 
 
 def test_train_and_eval_choose_separately():
-    """MAML trains vectorized (registered) but personalizes by its own code: evaluated client by client."""
+    """MAML trains vectorized (its step is `loss`) but personalizes by its own code: evaluated client by client."""
     fed = run_federation(MAML(MLP(hidden=[16]), inner_lr=0.05), data(), rounds=1)
     assert fed.executor_for("train") == "vectorized"
     assert fed.executor_for("eval") == "sequential"

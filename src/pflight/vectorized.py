@@ -1,41 +1,46 @@
-"""Vectorized clients: every client of a round trained at once with ``torch.func``.
+"""Vectorized clients: every client of a round trained at once with ``torch.func``; no algorithm has code here.
 
-The executor behind ``Federation(executor="vectorized")``. Each client keeps its own weights, stacked along
-a leading client dimension; the network runs on all of them at once through ``vmap(functional_call)``, and
-one backward gives every client its own gradient (client losses are independent, so the gradient of their
-sum is each client's gradient)::
+The executor behind ``Federation(executor="vectorized")``. It runs any client whose local step is its
+``loss(params, batch, state)`` (:class:`~pflight.client.ClientModule`): each client keeps its own weights, stacked
+along a leading client dimension, and a step is ``vmap(grad(loss))`` over the clients, then the local optimizer's
+update on the stacked tensors::
 
-    prologue (per client, no compute): message, persistent state, the index plan of its local batches,
-        drawn from the same generator as the sequential executor (seed, round, client)
+    per client, in turn (the client module's own hooks, as the sequential executor runs them):
+        receive(message); load_client_state(store[k]); on_local_train_start()
+        its weights and round_state snapshot; its batch plan (step_batches replayed on sample indices,
+        from the same generator as the sequential executor: seed, round, client)
     sort clients by their number of local steps (descending); for each chunk of `chunk_size` clients:
-        for t in range(most local steps in the chunk):     # the active clients are a prefix
+        stack weights and round_states
+        for t in range(most local steps in the chunk):        # the active clients are a prefix
             m = clients with more than t steps
-            x, y, mask = pool[idx[t, :m]]                     # (m, B, ...); padding samples have mask 0
-            losses = algorithm loss of weights[:m] on (x, y)   # vmap(functional_call) over clients
-            weights[:m] <- torch.optim.SGD's update             # fresh momentum buffers each round
-        epilogue: per-client state to the store
-    uploads in the clients' order
+            batch = Batch(pool[idx[t, :m]], weight)             # (m, B, ...); padding samples weigh 0
+            grads, loss = vmap(grad(client.loss))(weights[:m], batch, round_state[:m])
+            weights[:m] <- the local optimizer's update          # SGD, Adam, ... each client its own state
+            weights[:m] <- vmap(client.after_local_step)(...)   # when the client has one
+        per client, in turn: the network holds its weights, round_state is its own;
+            on_local_train_end(); store[k] = client_state(); upload()
 
 Chunks bound the memory of a round and, on a CPU, keep a chunk's weights in cache across its steps. Where the
-network is a plain MLP trained by SGD without momentum on cross-entropy (FedAvg, FedAvgFT, FedProx, LocalOnly,
-Reptile, FEDORA), a step is :func:`pflight.fused_mlp.fused_sgd_step_` instead: forward, backward and update
-written out with in-place batched matmuls, no autograd graph and no materialized gradient.
+network is a plain MLP, the objective the base class's cross-entropy (plus its proximal term) and the optimizer
+SGD (FedAvg, FedAvgFT, FedProx, LocalOnly, Reptile, FEDORA), a step is :func:`pflight.fused_mlp.fused_sgd_step_`
+instead: forward, backward and update written out with in-place batched matmuls, no autograd graph and no
+materialized gradient.
 
 Clients with fewer batches stop early (they leave the prefix); a ragged batch (the last of an epoch, or a
-client smaller than the batch size) is padded with zero-weight samples and its loss divides by its true size.
-Stragglers (``Federation(straggler_rate=...)``) take the first steps of their plan. What is supported is
-registered per client class (:func:`register`): FedAvg (and FedAvgFT, LocalOnly, the
-base client), FedProx, Per-FedAvg (maml, fo, hf), MAML / FOMAML, Reptile and FEDORA. Anything else, or a
-network with BatchNorm or Dropout, a local optimizer other than one plain SGD, or a precision other than
-``32-true``, falls back to the sequential executor with the reason :func:`unsupported_reason` gives.
-Batches are gathered from one copy of every client's train split, built once per data module.
+client smaller than the batch size) is padded with zero-weight samples. Stragglers
+(``Federation(straggler_rate=...)``) take the first steps of their plan. A client that overrides
+``training_step``, ``local_optimizer_step``, ``on_local_step_end`` or ``forward`` (it says so in
+``vectorized_reason``), a network with BatchNorm or Dropout, a local optimizer not known to update elementwise,
+several local optimizers, or a precision other than ``32-true``, falls back to the sequential executor with the
+reason :func:`unsupported_reason` gives. Batches are gathered from one copy of every client's train split, built
+once per data module.
 
 Evaluation (:func:`evaluate_clients`) runs through the same machinery: the global model on every seen client's
 split in one forward per chunk; then per client the sequential prologue (message, persistent state), its
 fine-tuning plan (:class:`~pflight.client.FineTune`, batches from the ``Stream.EVAL`` generator) stepped for a
-chunk at once, and one padded forward per chunk. It serves a registered client class whose personalization is
-data (``personalization_plan``, as FedAvgFT's and LocalOnly's fine-tuning is); a class with its own
-``personalize``, ``evaluate`` or ``forward`` is evaluated client by client (:func:`eval_unsupported_reason`).
+chunk at once, and one padded forward per chunk. It serves a client class whose personalization is data
+(``personalization_plan``, as FedAvgFT's, LocalOnly's, Per-FedAvg's and FedBABU's fine-tuning is); a class with its
+own ``personalize``, ``evaluate`` or ``forward`` is evaluated client by client (:func:`eval_unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from pflight.client import Batch, ClientContext, ClientModule, cross_entropy, fl
 from pflight.data.datamodule import ClientData, FederatedDataModule
 from pflight.fused_mlp import fused_sgd_step_, mlp_layers, sgd_update_
 from pflight.messages import Message
+from pflight.metrics import Counts
 from pflight.streams import Stream  # Stream.TRAIN: the generator of local training, for the same batch order
 
 if TYPE_CHECKING:
@@ -710,8 +716,6 @@ def eval_unsupported_reason(federation: Federation) -> str | None:
     return _precision_reason(federation) or _network_reason(federation.client.net)
 
 
-Counts = tuple[int, int, float]  # correct predictions, samples, summed cross-entropy
-
 
 def evaluate_clients(
     federation: Federation, client_ids: list[int], round_idx: int, stage: str
@@ -819,13 +823,21 @@ def _shared_forward(net: nn.Module, state: dict[str, Tensor], x: Tensor) -> Tens
 def _count(
     federation: Federation, client_ids: list[int], split: str, forward: Callable[[Tensor], Tensor]
 ) -> list[Counts]:
-    """Each client's counts on its ``split`` (as ``ClientModule.evaluate``), ``forward`` on ``(C, B, ...)`` blocks."""
+    """Each client's counts on its ``split`` (as ``ClientModule.evaluate``), ``forward`` on ``(C, B, ...)`` blocks.
+
+    The configured metrics (``Federation(metrics=...)``) get each client's part of every block through its own
+    replica of :class:`~pflight.metrics.ClientMetrics`, as ``ClientModule.evaluate`` feeds them.
+    """
     pool = _pool(federation.data, split)
     device = federation.device
     sizes = torch.tensor([federation.data.client_data(k).num_samples(split) for k in client_ids])
     offsets = torch.tensor([pool.offsets[k] for k in client_ids])
     correct = torch.zeros(len(client_ids), dtype=torch.long)
     loss = torch.zeros(len(client_ids), dtype=torch.float64)
+    metrics = federation.client.eval_metrics  # set by the federation while it evaluates
+    replicas = [] if metrics is None else metrics.replicas(len(client_ids))
+    for replica in replicas:
+        replica.reset()
     net = federation.client.net
     was_training = net.training
     net.eval()
@@ -840,8 +852,13 @@ def _count(
         ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view(idx.shape)
         correct += ((logits.argmax(-1) == y) & mask).sum(1).cpu()
         loss += (ce * mask).sum(1).double().cpu()
+        if replicas:
+            for c, n in enumerate(real.sum(1).tolist()):  # a client's real samples in the block are a prefix
+                if n > 0:
+                    replicas[c].update(logits[c, :n], y[c, :n])
     net.train(was_training)
-    return [(int(c), int(n), float(v)) for c, n, v in zip(correct, sizes, loss, strict=True)]
+    values = [r.finish(int(n)) for r, n in zip(replicas, sizes, strict=True)] if replicas else [{}] * len(client_ids)
+    return [(int(c), int(n), float(v), d) for c, n, v, d in zip(correct, sizes, loss, values, strict=True)]
 
 
 __all__ = [
