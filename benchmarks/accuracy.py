@@ -88,6 +88,13 @@ ALGOS: list[Algo] = [
     ),
     Algo("ditto", "pflight.algorithms.Ditto", cost=2, grid={"lr": [0.05, 0.2], "lam": [0.1, 1.0]}),
     Algo("apfl", "pflight.algorithms.APFL", cost=2, grid=LR),
+    Algo(  # K = 3 inner gradients and the outer step: 4 gradient evaluations a local step
+        "pfedme",
+        "pflight.algorithms.PFedMe",
+        cost=4,
+        fixed={"personal_steps": 3, "personal_lr": 0.03, "lam": 15.0},
+        grid={"lr": [0.05, 0.2]},
+    ),
     Algo("fedper", "pflight.algorithms.FedPer", grid=LR),
     Algo("lgfedavg", "pflight.algorithms.LGFedAvg", grid=LR),
     Algo(
