@@ -2,6 +2,7 @@
 
 from pflight.callbacks.checkpoint import FederationCheckpoint
 from pflight.callbacks.fedora_report import FedoraReport
+from pflight.callbacks.plots import Plots
 from pflight.callbacks.predictions import ClientPredictionWriter
 from pflight.callbacks.progress import RoundProgressBar
 from pflight.callbacks.summary import FederationSummary
@@ -12,6 +13,7 @@ __all__ = [
     "FederationCheckpoint",
     "FederationSummary",
     "FedoraReport",
+    "Plots",
     "RoundProgressBar",
     "WandbClientReport",
 ]

@@ -1,4 +1,8 @@
-"""FEDORA in Weights & Biases: the propagation matrix once, and each round's lambda_k histogram."""
+"""FEDORA in Weights & Biases: the propagation matrix once (a table), and each round's lambda_k histogram.
+
+The matrix as a picture (a heat map with client ids and a colour bar) is drawn by :class:`pflight.callbacks.Plots`
+(``matrix: propagation``, or ``adjacency`` for the graph ``A_hat``).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from typing_extensions import override
-
-
-def matrix_image(matrix: Tensor, min_pixels: int = 256) -> np.ndarray:
-    """A grayscale ``uint8`` heat map of a non-negative matrix (white = its largest entry), cells upscaled.
-
-    >>> import torch
-    >>> matrix_image(torch.tensor([[0.0, 1.0], [0.5, 0.0]]), min_pixels=2).tolist()
-    [[0, 255], [128, 0]]
-    """
-    m = matrix.detach().double().cpu().numpy()
-    top = float(m.max()) if m.size and float(m.max()) > 0 else 1.0
-    pixels = np.rint(255.0 * np.clip(m / top, 0.0, 1.0)).astype(np.uint8)
-    scale = max(1, -(-min_pixels // max(m.shape)))  # ceil: cells of `scale` x `scale` pixels
-    return np.kron(pixels, np.ones((scale, scale), dtype=np.uint8))
 
 
 def matrix_rows(matrix: Tensor, client_ids: Sequence[int]) -> list[list[Any]]:
@@ -55,9 +44,9 @@ def lambdas(round_metrics: Mapping[int, Mapping[str, float]], key: str = "lambda
 class FedoraReport(Callback):
     """Log FEDORA's propagation matrix once and each round's lambda_k to every W&B logger of the Trainer.
 
-    ``P`` goes to ``fedora/propagation`` (a heat-map image) and ``fedora/propagation_table`` (client,
-    source, weight), at the start of training; lambda_k of the clients that trained goes to
-    ``train/lambda_hist`` after each round (the federation already logs the mean as ``train/lambda``).
+    ``P`` goes to ``fedora/propagation_table`` (client, source, weight), at the start of training (its heat
+    map: :class:`pflight.callbacks.Plots` with ``matrix: propagation``); lambda_k of the clients that trained
+    goes to ``train/lambda_hist`` after each round (the federation already logs the mean as ``train/lambda``).
     Both are logged at the step of the round's scalars (the first round's for ``P``).
     Without a W&B logger, or with a server that has no ``propagation`` matrix, it does nothing.
 
@@ -89,7 +78,6 @@ class FedoraReport(Callback):
 
         ids = list(getattr(server, "client_ids", range(matrix.shape[0])))
         payload = {
-            "fedora/propagation": wandb.Image(matrix_image(matrix), caption="P = (1 - alpha)(I - alpha A_hat)^-1"),
             "fedora/propagation_table": wandb.Table(
                 columns=["client", "source", "weight"], data=matrix_rows(matrix, ids)
             ),

@@ -314,7 +314,7 @@ class _FakeWandb(WandbLogger):
 
 
 def test_fedora_report_logs_matrix_once_and_lambda_histograms() -> None:
-    """FedoraReport logs P once (image + table) and a lambda histogram per round; no-op without W&B."""
+    """FedoraReport logs P once (a table) and a lambda histogram per round; no-op without W&B."""
     import wandb
 
     logger = _FakeWandb()
@@ -326,11 +326,11 @@ def test_fedora_report_logs_matrix_once_and_lambda_histograms() -> None:
     report.on_train_start(trainer, module)  # type: ignore[arg-type]
     report.on_train_epoch_end(trainer, module)  # type: ignore[arg-type]
     assert [sorted(p) for p in logger.run.logged] == [
-        ["fedora/propagation", "fedora/propagation_table", "trainer/global_step"],
+        ["fedora/propagation_table", "trainer/global_step"],
         ["train/lambda_hist", "trainer/global_step"],
     ]
     assert [p["trainer/global_step"] for p in logger.run.logged] == [2, 2]  # the round's step, like its scalars
-    assert isinstance(logger.run.logged[0]["fedora/propagation"], wandb.Image)
+    assert isinstance(logger.run.logged[0]["fedora/propagation_table"], wandb.Table)
     assert isinstance(logger.run.logged[1]["train/lambda_hist"], wandb.Histogram)
     silent = SimpleNamespace(loggers=[], current_epoch=0, global_step=0)
     FedoraReport().on_train_start(silent, module)  # type: ignore[arg-type]
