@@ -74,6 +74,10 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     if path.parent.name == "hf":
         pytest.importorskip("flwr_datasets", reason='configs/hf need the Hugging Face extra: pip install -e ".[hf]"')
     monkeypatch.chdir(tmp_path)
+    if path.name == "image_folder.yaml":  # ImageFolder scans data/images when it is built
+        from tests.test_torch_dataset import write_image_folder
+
+        write_image_folder(tmp_path / "data" / "images", classes=10, per_class=30, size=36)
     cli = PflightCLI(args=["--config", str(path), "--trainer.logger", "false"], run=False)
     assert cli.model.client is not None
     assert cli.datamodule.num_clients >= 1
@@ -99,6 +103,10 @@ def test_config_runs_one_round(path, tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
     monkeypatch.setenv("PFLIGHT_DATA_ROOT", str(root))
+    if path.name == "image_folder.yaml":
+        from tests.test_torch_dataset import write_image_folder
+
+        write_image_folder(root / "images", classes=10, per_class=30, size=36)
     if path.parent.name == "hf":  # configs/hf read data/digits_hf, relative to the working folder (tmp_path)
         pytest.importorskip("flwr_datasets", reason='configs/hf need the Hugging Face extra: pip install -e ".[hf]"')
         from tests.test_huggingface import DATAMODULE_PASSES_COLUMNS, write_digits_folder

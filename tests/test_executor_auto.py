@@ -45,7 +45,23 @@ def test_cnn_on_cpu_runs_sequential(caplog):
     fed = run_federation(FedAvg(CNN(input_shape=[1, 8, 8], num_classes=10), lr=0.05), data(), rounds=1)
     assert fed.executor_for("train") == "sequential"
     assert fed.last_eval_executor == "sequential"
-    assert "not a plain MLP" in caplog.text
+    assert "layers other than linear ones" in caplog.text
+
+
+def test_dense_networks_that_are_not_plain_mlps_run_vectorized(caplog):
+    """A network of linear layers and other activations (no fused MLP step) runs vectorized, equal to sequential."""
+    caplog.set_level(logging.INFO)
+
+    def make() -> FedAvg:
+        torch.manual_seed(0)
+        return FedAvg(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)), lr=0.1)
+
+    auto = run_federation(make(), data(), rounds=2)
+    seq = run_federation(make(), data(), rounds=2, federation_kwargs={"executor": "sequential"})
+    assert auto.executor_for("train") == "vectorized"
+    assert "linear layers only" in caplog.text
+    for name, value in seq.server.global_message().tensors.items():
+        torch.testing.assert_close(auto.server.global_message().tensors[name], value, atol=1e-6, rtol=1e-5)
 
 
 def test_what_the_vectorized_executor_cannot_serve_runs_sequential():

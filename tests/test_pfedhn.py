@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from pflight.client import ClientContext
 from pflight.data import FederatedDataModule, PathologicalPartitioner
 from pflight.messages import Message
 from pflight.models import CNN, MLP
+from pflight.server import FederationInfo
 from pflight.streams import Stream, stream_seed
 from tests.conftest import make_trainer, run_federation
 
@@ -67,7 +67,15 @@ def _server(optimizer_kwargs: dict, clients: int = 4) -> tuple[PFedHNServer, Fed
     data.setup()
     client = PFedHN(_target("mlp"))
     server = PFedHNServer(hidden_dim=20, n_hidden=2, **optimizer_kwargs)
-    server.setup(SimpleNamespace(data=data, client=client, device=torch.device("cpu")))  # type: ignore[arg-type]
+    server.setup(
+        FederationInfo(
+            initial_state=client.initial_state(),
+            network=client.net,
+            train_clients=tuple(data.train_clients),
+            new_clients=tuple(data.new_clients),
+            seed=data.seed,
+        )
+    )
     return server, data
 
 

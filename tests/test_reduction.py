@@ -1,7 +1,6 @@
 """Aggregation by reduction: per-process running sums, added and given to `apply_sum`, equal `update`."""
 
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from pflight.algorithms.maml import FedMetaServer
 from pflight.algorithms.reptile import PersonalizedFedAvgServer, ReptileServer
 from pflight.messages import Message
-from pflight.server import FedAvgServer, Server, flatten_state, state_layout, unflatten_state
+from pflight.server import FedAvgServer, FederationInfo, Server, flatten_state, state_layout, unflatten_state
 
 # processes' shares of the clients 0..5 (an empty one: a process whose clients all dropped out)
 SPLITS = [[0, 2, 4], [1, 3], [5], []]
@@ -75,10 +74,10 @@ CASES = {
 def test_reduction_equals_update(case):
     """Three rounds aggregated by reduction give the global model `update` gives (to 1e-6)."""
     make_server, kind, n_samples = CASES[case]
-    federation = SimpleNamespace(client=SimpleNamespace(initial_state=initial_state))
+    info = FederationInfo(initial_state=initial_state())
     gathered, reduced = make_server(), make_server()
-    gathered.setup(federation)
-    reduced.setup(federation)
+    gathered.setup(info)
+    reduced.setup(info)
     assert reduced.reducible
     for round_idx in range(3):
         uploads = make_uploads(kind, n_samples, seed=round_idx + 1)
@@ -120,7 +119,7 @@ def test_running_sum_holds_one_model_whatever_the_number_of_uploads():
 def test_server_optimizer_steps_only_the_uploaded_entries():
     """Uploads of part of the model (FedPer's body) through a server optimizer move only those entries."""
     server = FedAvgServer(server_optimizer=partial(torch.optim.SGD, lr=1.0, momentum=0.9))
-    server.setup(SimpleNamespace(client=SimpleNamespace(initial_state=initial_state)))
+    server.setup(FederationInfo(initial_state=initial_state()))
     before = {k: v.clone() for k, v in server.global_state.items()}
     body = {"w": before["w"] + 1.0}
     server.update({0: Message("weights", body, 3), 1: Message("weights", body, 5)}, 0)

@@ -44,7 +44,9 @@ def test_readme_example_runs_both_executors_equal() -> None:
         torch.manual_seed(0)
         client = fed_l1(MLP(hidden=[16]), lr=0.1, mu=0.05)
         assert client.vectorized_reason() is None
-        runs[executor] = run_federation(client, data(), 2, federation_kwargs={"executor": executor}, limit_val_batches=0)
+        runs[executor] = run_federation(
+            client, data(), 2, federation_kwargs={"executor": executor}, limit_val_batches=0
+        )
     seq, vec = runs["sequential"], runs["vectorized"]
     assert vec._fallback_reason is None
     for name, value in seq.server.global_state.items():

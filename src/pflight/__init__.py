@@ -3,7 +3,7 @@
 from pflight.client import ClientContext, ClientModule
 from pflight.federation import Federation
 from pflight.messages import Message
-from pflight.server import FedAvgServer, NoServer, Server
+from pflight.server import FedAvgServer, FederationInfo, NoServer, Server
 from pflight.strategies import FederatedStrategy
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __all__ = [
     "FedAvgServer",
     "FederatedStrategy",
     "Federation",
+    "FederationInfo",
     "Message",
     "NoServer",
     "Server",

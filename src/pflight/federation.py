@@ -5,22 +5,30 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
 from pflight.client import ClientContext, ClientLogs, ClientModule, float_state, load_float_state, reduce_over_clients
 from pflight.data.datamodule import FederatedDataModule
 from pflight.messages import Message
-from pflight.metrics import PersonalizedAccuracy, personalized_summary
+from pflight.metrics import (
+    ClientMetrics,
+    Counts,
+    PersonalizedAccuracy,
+    PersonalizedValues,
+    perplexity,
+    personalized_summary,
+)
 from pflight.prediction import PredictionTable, predict_clients
-from pflight.server import RunningSum, Server, flatten_state, unflatten_state
+from pflight.server import FederationInfo, RunningSum, Server, flatten_state, unflatten_state
 from pflight.store import ClientStateStore
 from pflight.streams import Stream, stream_seed
 
@@ -71,6 +79,38 @@ def plain_backward(trainer: pl.Trainer) -> bool:
             return False
     module = trainer.lightning_module
     return not any(is_overridden(hook, module, pl.LightningModule) for hook in (*_BACKWARD_HOOKS, "backward"))
+
+
+_DENSE = (
+    nn.Linear,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.LayerNorm,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+)
+
+
+def dense_network(net: nn.Module) -> bool:
+    """Whether every layer of ``net`` is linear, a per-sample norm or an elementwise activation.
+
+    No convolution, recurrence or embedding: on a CPU such networks step faster batched over clients than one
+    client after another (``benchmarks/speed.py``).
+
+    >>> dense_network(nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)))
+    True
+    >>> dense_network(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()))
+    False
+    """
+    leaves = [m for m in net.modules() if not list(m.children())]
+    return bool(leaves) and all(isinstance(m, _DENSE) for m in leaves)
 
 
 def check_strategy(strategy: Any, flag: str | None = None) -> None:
@@ -226,6 +266,14 @@ class Federation(pl.LightningModule):
             then over the sample (``val/clients_evaluated`` says how many), so a checkpoint monitoring
             ``val/personalized_acc`` picks its best round on a sampled estimate; a run stopped early (early
             stopping, a time limit) ends on a sampled evaluation.
+        metrics: torchmetrics computed per client on its evaluation split after personalization, by name (a
+            ``Metric`` or a ``MetricCollection`` each; fed the softmax probabilities ``(N, classes)`` and labels
+            ``(N,)``; each must compute a scalar, e.g. ``MulticlassF1Score(num_classes=10, average="macro")``).
+            Logged as accuracy is: ``val/personalized_<name>`` (mean over clients), ``_weighted`` (sample-weighted
+            mean of the clients' values), ``_std``, ``_worst10``; ``val/global_<name>`` and
+            ``val/new_clients_<name>`` (and ``_weighted``) where the accuracies are logged. None: accuracy only.
+        perplexity: also report perplexity, per client ``exp(summed CE / samples)`` of its split, with the same
+            names (``val/personalized_perplexity``, ...; its worst decile is the highest).
     """
 
     def __init__(
@@ -242,6 +290,8 @@ class Federation(pl.LightningModule):
         straggler_rate: float = 0.0,
         straggler_work: float = 0.5,
         eval_clients: int | float | None = None,
+        metrics: dict[str, Metric | MetricCollection] | None = None,
+        perplexity: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(client, ClientModule):
@@ -296,6 +346,13 @@ class Federation(pl.LightningModule):
         self.straggler_rate = straggler_rate
         self.straggler_work = straggler_work
         self.eval_clients = eval_clients
+        if perplexity and metrics and "perplexity" in metrics:
+            raise ValueError(
+                "`Federation(metrics={'perplexity': ...}, perplexity=True)`: the name is taken by the built-in"
+                " perplexity: rename the metric, or drop `perplexity=True`."
+            )
+        self.eval_metrics = ClientMetrics(metrics) if metrics else None  # not a submodule: no state_dict entries
+        self.perplexity = perplexity
         self._last_round = False  # set before each round: the last round of fit evaluates every client
         self._fallback_reason: str | None = None
         self._running: RunningSum | None = None  # the round's running sum of uploads (reducible servers)
@@ -335,8 +392,41 @@ class Federation(pl.LightningModule):
         self.trainer.log_every_n_steps = 1  # a step is a round: log every round's metrics
         if not self._ready:
             self.client.capture_initial_state()
-            self.server.setup(self)
+            self.server.setup(self.describe())
             self._ready = True
+
+    def describe(self) -> FederationInfo:
+        """What the server is told about this federation (:meth:`Server.setup`): no data, no executor."""
+        dm = self.data
+        return FederationInfo(
+            initial_state=self.client.initial_state(),
+            network=self.client.net,
+            train_clients=tuple(dm.train_clients),
+            new_clients=tuple(dm.new_clients),
+            num_samples={k: dm.client_data(k).num_samples("train") for k in (*dm.train_clients, *dm.new_clients)},
+            num_classes=dm.num_classes,
+            seed=dm.seed,
+            public=dm.public,
+            device=lambda: self.device,
+            request=self._request,
+        )
+
+    def _request(self, client_id: int, fn: Callable[[ClientModule], Any], purpose: int | None = None) -> Any:
+        """:attr:`FederationInfo.request`: ``fn(client)`` on client ``client_id``'s side."""
+        client = self.client
+        if purpose is None:
+            if client.context is None or client.context.client_id != client_id:
+                raise RuntimeError(
+                    f"a server asked client {client_id} for a computation while the client module serves"
+                    f" {None if client.context is None else client.context.client_id}: pass a `purpose`."
+                )
+            return fn(client)
+        saved = client.context
+        try:
+            client.context = self.context(client_id, 0, "train", purpose)
+            return fn(client)
+        finally:
+            client.context = saved
 
     def _check_output_size(self, dm: FederatedDataModule) -> None:
         x = dm.client_data(dm.train_clients[0]).train[0][:2]
@@ -623,11 +713,14 @@ class Federation(pl.LightningModule):
                 choice = ("vectorized", "the clients' steps are batched on the GPU")
             elif mlp_layers(self.client.net) is not None:
                 choice = ("vectorized", "a plain MLP on a CPU: the fused MLP step, measured 3-10x faster")
+            elif dense_network(self.client.net):
+                choice = ("vectorized", "linear layers only on a CPU: batched matmuls, measured faster than a loop")
             else:
                 choice = (
                     "sequential",
-                    f"`{type(self.client.net).__name__}` is not a plain MLP: on a CPU batched per-client layers"
-                    " were measured slower than one client at a time (benchmarks/speed.py)",
+                    f"`{type(self.client.net).__name__}` has layers other than linear ones: on a CPU batched"
+                    " per-client convolutions and recurrences were measured slower than one client at a time"
+                    " (benchmarks/speed.py)",
                 )
             self._auto[what] = choice
             rank_zero_info(f"executor auto: {what} runs {choice[0]} ({choice[1]})")
@@ -892,8 +985,8 @@ class Federation(pl.LightningModule):
 
     def _evaluate(
         self, client_ids: list[int], round_idx: int, stage: str
-    ) -> tuple[dict[int, tuple[int, int, float]], dict[int, tuple[int, int, float]]]:
-        """``(personalized, global)`` counts ``(correct, total, summed CE)`` per client, by the run's executor.
+    ) -> tuple[dict[int, Counts], dict[int, Counts]]:
+        """``(personalized, global)`` ``(correct, total, summed CE, metrics)`` per client, by the run's executor.
 
         The vectorized executor personalizes and evaluates the clients at once where their personalization is
         data (:meth:`~pflight.client.ClientModule.personalization_plan`); otherwise the reason is logged once
@@ -911,18 +1004,27 @@ class Federation(pl.LightningModule):
                 self._eval_fallback_reason = reason
         self.last_eval_executor = "sequential"
         client = self.client
-        personal: dict[int, tuple[int, int, float]] = {}
-        global_counts: dict[int, tuple[int, int, float]] = {}
+        personal: dict[int, Counts] = {}
+        global_counts: dict[int, Counts] = {}
         for k in client_ids:
             ctx = self.context(k, round_idx, stage, Stream.EVAL)
             client.context = ctx
             global_message = self.server.global_message()
             if global_message is not None and not ctx.new_client:
                 client.receive(global_message)
-                global_counts[k] = client.evaluate(stage)
+                global_counts[k] = self._evaluate_client(stage)
             self.personalize_client(k, round_idx, stage)
-            personal[k] = client.evaluate(stage)
+            personal[k] = self._evaluate_client(stage)
         return personal, global_counts
+
+    def _evaluate_client(self, stage: str) -> Counts:
+        """``client.evaluate(stage)`` and the values of the metrics it fed (``Federation(metrics=...)``)."""
+        metrics = self.client.eval_metrics
+        if metrics is None:
+            return (*self.client.evaluate(stage), {})
+        metrics.reset()  # nothing but this evaluation feeds the client's values
+        correct, total, loss = self.client.evaluate(stage)
+        return correct, total, loss, metrics.finish(total)
 
     def evaluate_clients(self, client_ids: list[int], stage: str) -> dict[str, float]:
         """Personalize and evaluate ``client_ids`` on split ``stage``; log and return the summary."""
@@ -935,14 +1037,16 @@ class Federation(pl.LightningModule):
         loss_sum, loss_n = 0.0, 0
         client = self.client
         client.logs = client_logs = ClientLogs()
+        client.eval_metrics = None if self.eval_metrics is None else self.eval_metrics.to(self.device)
         try:
             personal, global_counts = self._evaluate(self.shard(client_ids), round_idx, stage)
         finally:
             client.logs = None
-        for k, (c, t, _) in global_counts.items():
+            client.eval_metrics = None
+        for k, (c, t, _, _) in global_counts.items():
             glob.update(k, c, t)
         new_clients = set(dm.new_clients)
-        for k, (c, t, loss) in personal.items():  # in the clients' order: the same loss sum as before
+        for k, (c, t, loss, _) in personal.items():  # in the clients' order: the same loss sum as before
             (new if k in new_clients else seen).update(k, c, t)
             if k not in new_clients:
                 loss_sum, loss_n = loss_sum + loss, loss_n + t
@@ -970,6 +1074,8 @@ class Federation(pl.LightningModule):
             n = personalized_summary(new.correct, new.total)
             out[f"{stage}/new_clients_acc"] = n["mean"]
             out[f"{stage}/new_clients_acc_weighted"] = n["weighted"]
+        logged, per_client = self._metric_values(personal, global_counts, stage)
+        out.update(logged)
         out.update(self._client_logs(client_logs, stage))
         out[f"{stage}/clients_evaluated"] = float(len(client_ids))
         out[f"{stage}/eval_s"] = time.perf_counter() - eval_start
@@ -978,9 +1084,54 @@ class Federation(pl.LightningModule):
             "personalized": seen.per_client(),
             "new": new.per_client(),
             "global": glob.per_client(),
+            **per_client,
         }
         self.history.append({"round": round_idx + 1, "stage": stage, **out})
         return out
+
+    def _metric_values(
+        self, personal: dict[int, Counts], global_counts: dict[int, Counts], stage: str
+    ) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+        """The configured metrics' (and perplexity's) summaries by logged name, and per-client values.
+
+        Each process holds its clients' values; they are summed across processes into every rank's dense
+        ``(names, clients)`` table, as the accuracy counts are. Per-client values go to :attr:`last_evaluation`
+        as ``personalized_<name>``, ``new_<name>`` and ``global_<name>``.
+        """
+        names = ([] if self.eval_metrics is None else list(self.eval_metrics.names)) + (
+            ["perplexity"] if self.perplexity else []
+        )
+        if not names:
+            return {}, {}
+        higher = dict(self.eval_metrics.higher_is_better) if self.eval_metrics else {}
+        if self.perplexity:
+            higher["perplexity"] = False  # the worst clients are the most perplexed
+        num, new_clients = self.data.num_clients, set(self.data.new_clients)
+        kinds = {kind: PersonalizedValues(num, names, higher) for kind in ("personalized", "new", "global")}
+        for kind, counts in (("personalized", personal), ("global", global_counts)):
+            for k, (_, t, loss, values) in counts.items():
+                own = kinds["new" if kind == "personalized" and k in new_clients else kind]
+                own.update(k, {**values, "perplexity": perplexity(loss, t)} if self.perplexity else values, t)
+        for metric in kinds.values():
+            metric.to(self.device)
+            if self.trainer.world_size > 1:
+                metric.sync()
+        out: dict[str, float] = {}
+        for name in names:
+            s = kinds["personalized"].summary(name)
+            out[f"{stage}/personalized_{name}"] = s["mean"]
+            out[f"{stage}/personalized_{name}_weighted"] = s["weighted"]
+            out[f"{stage}/personalized_{name}_std"] = s["std"]
+            out[f"{stage}/personalized_{name}_worst10"] = s["worst10"]
+            for kind, prefix in (("global", "global"), ("new", "new_clients")):
+                if bool(kinds[kind].total.sum() > 0):
+                    s = kinds[kind].summary(name)
+                    out[f"{stage}/{prefix}_{name}"] = s["mean"]
+                    out[f"{stage}/{prefix}_{name}_weighted"] = s["weighted"]
+        per_client = {
+            f"{kind}_{name}": values for kind, metric in kinds.items() for name, values in metric.per_client().items()
+        }
+        return out, per_client
 
     # ------------------------------------------------------------------ checkpoints
     def fingerprint(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 from pflight.messages import Message
 
 if TYPE_CHECKING:
-    from pflight.federation import Federation
+    from torch import nn
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 
@@ -149,6 +150,53 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
         group.update(mine)
 
 
+def _cpu() -> torch.device:
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class FederationInfo:
+    """What a server is told about its federation in :meth:`Server.setup`: a description, not the federation.
+
+    Attributes:
+        initial_state: the weights every client starts from (the client's ``initial_state()``).
+        network: the clients' target network, for its structure (entry names and shapes, which are buffers).
+        train_clients: the ids of the clients that train; ``new_clients``: of those held out.
+        num_samples: training samples per client.
+        num_classes: classes of the data.
+        seed: the data module's seed.
+        public: the data module's public pool ``(x, y)``, or None.
+        device: where the federation computes now (it moves after setup).
+        request: ``request(client_id, fn, purpose=None)`` runs ``fn(client)`` on client ``client_id``'s side and
+            returns what ``fn`` returns: the client-side computations a server asks for (FEDORA's one-time
+            signature, pFedHN's inner loop for a new client). With a ``purpose`` (a
+            :class:`~pflight.streams.Stream`) the client is served in a context of round 0 seeded for it;
+            without, in the context it is being served in (``client_id`` must be that client).
+    """
+
+    initial_state: Mapping[str, Tensor]
+    network: nn.Module | None = None
+    train_clients: tuple[int, ...] = ()
+    new_clients: tuple[int, ...] = ()
+    num_samples: Mapping[int, int] = field(default_factory=dict)
+    num_classes: int = 0
+    seed: int = 0
+    public: tuple[Tensor, Tensor] | None = None
+    device: Callable[[], torch.device] = _cpu
+    request: Callable[..., Any] | None = None
+
+    @property
+    def num_clients(self) -> int:
+        """Training and new clients together."""
+        return len(self.train_clients) + len(self.new_clients)
+
+    def ask(self, client_id: int, fn: Callable[[Any], Any], purpose: int | None = None) -> Any:
+        """:attr:`request`, with a clear error when the federation gave none (a server set up outside one)."""
+        if self.request is None:
+            raise RuntimeError("this server asks its clients for a computation: run it inside a `pflight.Federation`.")
+        return self.request(client_id, fn, purpose)
+
+
 class RunningSum:
     """A round's uploads folded in as they arrive: ``sum_k c_k * upload_k`` and ``sum_k c_k``, one model's memory.
 
@@ -213,8 +261,8 @@ class Server:
     single global model when one exists (for ``global_acc``); personalized servers return ``None``.
     """
 
-    def setup(self, federation: Federation) -> None:
-        """Called once before the first round, after the client's initial weights are known."""
+    def setup(self, info: FederationInfo) -> None:
+        """Called once before the first round with a description of the federation (:class:`FederationInfo`)."""
 
     def message_for(self, client_id: int) -> Message | None:
         """Called before client ``client_id`` trains or is evaluated: its message, or None."""
@@ -286,9 +334,9 @@ class FedAvgServer(Server):
         self._params: dict[str, torch.nn.Parameter] = {}
         self._optimizer: torch.optim.Optimizer | None = None
 
-    def setup(self, federation: Federation) -> None:
-        """Called once: the global model starts from the client's initial weights."""
-        self.global_state = {k: v.detach().clone() for k, v in federation.client.initial_state().items()}
+    def setup(self, info: FederationInfo) -> None:
+        """Called once: the global model starts from the clients' initial weights."""
+        self.global_state = {k: v.detach().clone() for k, v in info.initial_state.items()}
         self._build_optimizer()
 
     def _build_optimizer(self) -> None:

@@ -340,7 +340,8 @@ def unsupported_reason(federation: Federation) -> str | None:
     """
     client = federation.client
     return (
-        _precision_reason(federation)
+        federation.data.vectorized_reason("train")
+        or _precision_reason(federation)
         or _network_reason(client.net)
         or client.vectorized_reason()
         or _optimizer_reason(federation)
@@ -579,16 +580,31 @@ def train_clients(
     names = [n for n, v in client.net.state_dict().items() if v.is_floating_point()]
     own = client.net.state_dict()
     contexts, starts, round_states, plans = [], [], [], []
+    start_hook = type(client).on_local_train_start is not ClientModule.on_local_train_start  # else no RNG to seed
+    end_hook = type(client).on_local_train_end is not ClientModule.on_local_train_end
+    cls = type(client)
+    # hooks that are the base class's need no round trip through the client module: its weights are the message
+    # it receives (prologue), and its upload is its weights (epilogue); the results are those of the hooks
+    plain_in = cls.receive is ClientModule.receive and cls.load_client_state is ClientModule.load_client_state
+    plain_out = all(
+        getattr(cls, hook) is getattr(ClientModule, hook) for hook in ("on_local_train_end", "client_state", "upload")
+    )
     for k in client_ids:  # the sequential prologue, then the client's batches from the same generator
         ctx = federation.context(k, round_idx, "train", Stream.TRAIN)
         client.context = ctx
         client.round_state = {}
-        client.receive(federation.server.message_for(k))
-        client.load_client_state(federation.store.get(k, device))
-        with federation._seeded(round_idx, k, Stream.TRAIN):
-            client.on_local_train_start()
+        message = federation.server.message_for(k)
+        direct = plain_in and not start_hook and message is not None and message.kind == "weights"
+        if direct and set(names) <= set(message.tensors):
+            starts.append(message.tensors)  # what `receive` would load and `float_state` read back
+        else:
+            client.receive(message)
+            client.load_client_state(federation.store.get(k, device))
+            if start_hook:
+                with federation._seeded(round_idx, k, Stream.TRAIN):
+                    client.on_local_train_start()
+            starts.append(float_state(client.net))
         contexts.append(ctx)
-        starts.append(float_state(client.net))
         round_states.append(client.round_state)
         plans.append(_plan(federation, ctx, work.get(k, 1.0)))
         if not plans[-1]:
@@ -615,9 +631,7 @@ def train_clients(
             steps=[len(plans[i]) for i in members],
             names=names,
             trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
-            state={
-                n: torch.stack([starts[i][n] for i in members]).to(device=device, dtype=own[n].dtype) for n in names
-            },
+            state={n: t.to(own[n].dtype) for n, t in stack_states([starts[i] for i in members], names, device).items()},
             round_state=stack_tree([round_states[i] for i in members], device),
         )
         run.batches = _stack_plans([plans[i] for i in members], [pool.offsets[k] for k in ids], pool.pad, dtype)
@@ -635,9 +649,10 @@ def train_clients(
                     for c, value in enumerate(values.tolist()):
                         logs.add(name, ids[c], float(value))
         loss_sum /= torch.tensor(run.steps, dtype=dtype, device=device)
+        finite = torch.isfinite(loss_sum).tolist()
         for c, i in enumerate(members):  # the sequential epilogue, for each client in turn
             k, ctx = client_ids[i], contexts[i]
-            if not bool(torch.isfinite(loss_sum[c])):
+            if not finite[c]:
                 raise FloatingPointError(
                     f"client {k} produced a non-finite training loss ({float(loss_sum[c])}) in round"
                     f" {round_idx + 1}: lower the learning rate (`--model.client.init_args.lr`) or use float32"
@@ -647,21 +662,26 @@ def train_clients(
                 round_states[i][key] = tree_map(lambda v: v[c].clone(), run.round_state[key])  # noqa: B023
             client.context, client.round_state = ctx, round_states[i]
             weights = {n: run.state[n][c] for n in names}
-            load_float_state(client.net, weights)
-            opt.state.clear()
-            for p, s in zip(opt.param_groups[0]["params"], stepper.optimizer_state(c), strict=False):
-                opt.state[p] = s
-            with federation._seeded(round_idx, k, Stream.TRAIN):
-                client.on_local_train_end()
-            federation.store.put(k, client.client_state())
-            upload = client.upload()
+            if plain_out:  # the base class's hooks: nothing kept, the weights uploaded
+                federation.store.put(k, None)
+                upload = Message("weights", weights, n_samples=ctx.data.num_samples("train"))
+            else:
+                load_float_state(client.net, weights)
+                opt.state.clear()
+                for p, s in zip(opt.param_groups[0]["params"], stepper.optimizer_state(c), strict=False):
+                    opt.state[p] = s
+                if end_hook:
+                    with federation._seeded(round_idx, k, Stream.TRAIN):
+                        client.on_local_train_end()
+                federation.store.put(k, client.client_state())
+                upload = client.upload()
             if upload is not None:
                 uploads[k] = federation.collect_upload(k, upload)
             losses[k] = loss_sum[c]
             if i == last:
                 final = {n: w.clone() for n, w in weights.items()}
                 final_state = (ctx, round_states[i])
-    if order[-1] != last:  # leave the client module as the caller's last client left it, as sequential training
+    if plain_out or order[-1] != last:  # leave the client module as the caller's last client left it, as sequential
         load_float_state(client.net, final)
         assert final_state is not None
         client.context, client.round_state = final_state
@@ -713,8 +733,11 @@ def eval_unsupported_reason(federation: Federation) -> str | None:
     for hook in ("evaluate", "forward"):
         if getattr(cls, hook) is not getattr(ClientModule, hook):
             return f"`{cls.__name__}.{hook}` is its own code, run client by client"
-    return _precision_reason(federation) or _network_reason(federation.client.net)
-
+    return (
+        federation.data.vectorized_reason("eval")
+        or _precision_reason(federation)
+        or _network_reason(federation.client.net)
+    )
 
 
 def evaluate_clients(
@@ -748,12 +771,18 @@ def evaluate_clients(
             counts = _count(federation, members, stage, lambda x: _shared_forward(client.net, state, x))
             global_counts.update(zip(members, counts, strict=True))
     starts, plans, lrs = [], [], []
+    cls = type(client)
+    plain_in = cls.receive is ClientModule.receive and cls.load_client_state is ClientModule.load_client_state
     for k, ctx in zip(client_ids, contexts, strict=True):  # exactly the sequential prologue
         client.context = ctx
         client.round_state = {}
-        client.receive(federation.server.message_for(k))
-        client.load_client_state(None if ctx.new_client else federation.store.get(k, device))
-        starts.append(float_state(client.net))
+        message = federation.server.message_for(k)
+        if plain_in and message is not None and message.kind == "weights" and set(names) <= set(message.tensors):
+            starts.append(message.tensors)  # what `receive` would load and `float_state` read back
+        else:
+            client.receive(message)
+            client.load_client_state(None if ctx.new_client else federation.store.get(k, device))
+            starts.append(float_state(client.net))
         ft = plan_of(client, ctx)
         lrs.append(float(ft.lr if ft is not None and ft.lr is not None else client.lr))
         if ft is None or (ft.steps <= 0 and ft.epochs <= 0):
@@ -783,7 +812,7 @@ def evaluate_clients(
             steps=[len(plans[i]) for i in group],
             names=names,
             trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
-            state={n: torch.stack([starts[i][n] for i in group]).to(device=device, dtype=own[n].dtype) for n in names},
+            state={n: t.to(own[n].dtype) for n, t in stack_states([starts[i] for i in group], names, device).items()},
             round_state={},
         )
         if run.steps[0] > 0:

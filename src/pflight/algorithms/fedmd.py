@@ -38,7 +38,7 @@ every round (SGD by default).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,11 +50,8 @@ from pflight.algorithms.distillation import kd_loss
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.data.datasets import DataSource
 from pflight.messages import Message
-from pflight.server import Server, aggregation_weights
+from pflight.server import FederationInfo, Server, aggregation_weights
 from pflight.streams import Stream, stream_seed
-
-if TYPE_CHECKING:
-    from pflight.federation import Federation
 
 DIGEST_LOSSES = ("l1_logits", "mse_logits", "kl_T")
 
@@ -218,14 +215,14 @@ class FedMDServer(Server):
         return stratified_subset(self.labels, self.subset_size, g)
 
     @override
-    def setup(self, federation: Federation) -> None:
+    def setup(self, info: FederationInfo) -> None:
         """Called once: read the public labels and draw the first subset."""
         if self.seed is None:
-            self.seed = federation.data.seed
+            self.seed = info.seed
         if self.public_source is not None:
             self.labels = public_pool(self.public_source)[1]
-        elif federation.data.public is not None:
-            self.labels = federation.data.public[1].cpu()
+        elif info.public is not None:
+            self.labels = info.public[1].cpu()
         else:
             raise ValueError(
                 "FedMD needs a public data set: set `FederatedDataModule(public_fraction=...)` (e.g."

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +39,8 @@ from typing_extensions import override
 
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
-from pflight.server import Server
+from pflight.server import FederationInfo, Server
 from pflight.streams import Stream
-
-if TYPE_CHECKING:
-    from pflight.federation import Federation
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -285,42 +282,36 @@ class FedoraServer(Server):
         self.personal: dict[int, dict[str, Tensor]] = {}
         self.received: dict[int, dict[str, Tensor]] = {}
 
-    def _signatures(self, federation: Federation, ids: Sequence[int], labeled: bool) -> Tensor:
+    def _signatures(self, info: FederationInfo, ids: Sequence[int], labeled: bool) -> Tensor:
         """Each client's one-time signature message, as it would send it (``(K, D, q)``)."""
-        client, num_classes = federation.client, federation.data.num_classes
-        if not isinstance(client, Fedora):
-            raise TypeError(
-                f"`FedoraServer` needs a `pflight.algorithms.fedora.Fedora` client, got {type(client).__name__}:"
-                " use `class_path: pflight.algorithms.fedora.Fedora` for the client."
-            )
-        saved = client.context
-        try:
-            sigs = []
-            for k in ids:
-                client.context = federation.context(k, 0, "train", Stream.FEDORA_SIGNATURE)
-                sigs.append(client.signature(num_classes, labeled=labeled, rank=self.signature_rank).tensors["u"].cpu())
-        finally:
-            client.context = saved
-        return torch.stack(sigs)
+
+        def sign(client: Any) -> Tensor:
+            if not isinstance(client, Fedora):
+                raise TypeError(
+                    f"`FedoraServer` needs a `pflight.algorithms.fedora.Fedora` client, got {type(client).__name__}:"
+                    " use `class_path: pflight.algorithms.fedora.Fedora` for the client."
+                )
+            return client.signature(info.num_classes, labeled=labeled, rank=self.signature_rank).tensors["u"].cpu()
+
+        return torch.stack([info.ask(k, sign, Stream.FEDORA_SIGNATURE) for k in ids])
 
     @override
-    def setup(self, federation: Federation) -> None:
+    def setup(self, info: FederationInfo) -> None:
         """Called once: signatures, graph, propagation matrix; every client starts at theta_0."""
-        dm = federation.data
-        self.client_ids = list(dm.train_clients)
-        sigs = self._signatures(federation, self.client_ids, labeled=True)  # (K, D, q)
+        self.client_ids = list(info.train_clients)
+        sigs = self._signatures(info, self.client_ids, labeled=True)  # (K, D, q)
         self.adjacency = relatedness_graph(sigs, self.tau, self.num_neighbors)
         self.propagation = propagation_matrix(self.adjacency, self.alpha)
-        self.initial = {k: v.detach().cpu().clone() for k, v in federation.client.initial_state().items()}
+        self.initial = {k: v.detach().cpu().clone() for k, v in info.initial_state.items()}
         self.personal = dict.fromkeys(self.client_ids, self.initial)
         self.received = dict.fromkeys(self.client_ids, self.initial)  # P theta_0 = theta_0 exactly
         self.new_rows = {}
-        if dm.new_clients:
-            new = self._signatures(federation, dm.new_clients, labeled=self.new_client_labels)
-            old = sigs if self.new_client_labels else self._signatures(federation, self.client_ids, labeled=False)
+        if info.new_clients:
+            new = self._signatures(info, info.new_clients, labeled=self.new_client_labels)
+            old = sigs if self.new_client_labels else self._signatures(info, self.client_ids, labeled=False)
             weights = torch.exp(self.tau * principal_angle_similarity(new, old).double())  # (new, K)
             a_new = row_normalize(top_m_adjacency(weights, self.num_neighbors, exclude_diagonal=False))
-            for i, k in enumerate(dm.new_clients):
+            for i, k in enumerate(info.new_clients):
                 self.new_rows[k] = new_client_row(a_new[i], self.propagation, self.alpha)
 
     @override
@@ -446,7 +437,7 @@ class Fedora(ClientModule):
     def signature(self, num_classes: int, labeled: bool = True, rank: int = 1) -> Message:
         """The one-time ``signature`` message of the current client (from its train split)."""
         assert self.context is not None
-        x, y = self.context.data.split("train")
+        x, y = self.context.full("train")  # tensors, whether the data is held in memory or read lazily
         u = data_signature(x, y if labeled else None, num_classes, rank)
         return Message("signature", {"u": u}, n_samples=len(x))
 

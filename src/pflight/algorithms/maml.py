@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,11 +34,8 @@ from pflight.algorithms.meta_base import GradientAccumulator, _device_type, _dra
 from pflight.algorithms.meta_functional import adapt, copy_buffers, cross_entropy_loss, full_precision
 from pflight.client import Batch, ClientContext, ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
-from pflight.server import FedAvgServer, Server
+from pflight.server import FedAvgServer, FederationInfo, Server
 from pflight.streams import Stream, stream_seed
-
-if TYPE_CHECKING:
-    from pflight.federation import Federation
 
 META_SGD_PREFIX = "inner_lr/"  # Meta-SGD's learned learning rates in the global state: "inner_lr/<param name>"
 
@@ -70,12 +67,11 @@ class FedMetaServer(FedAvgServer):
         self.buffer_names: set[str] = set()
 
     @override
-    def setup(self, federation: Federation) -> None:
-        """Called once: note which global entries are buffers, then start from the client's initial state."""
-        net = getattr(federation.client, "net", None)
-        if isinstance(net, nn.Module):
-            self.buffer_names = {n for n, b in net.named_buffers() if b.is_floating_point()}
-        super().setup(federation)
+    def setup(self, info: FederationInfo) -> None:
+        """Called once: note which global entries are buffers, then start from the clients' initial state."""
+        if isinstance(info.network, nn.Module):
+            self.buffer_names = {n for n, b in info.network.named_buffers() if b.is_floating_point()}
+        super().setup(info)
 
     @override
     def _build_optimizer(self) -> None:

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch  # noqa: F401  (used by the doctests)
 from torch import Tensor, nn
@@ -69,10 +69,7 @@ from pflight.client import (
     load_float_state,
 )
 from pflight.messages import Message
-from pflight.server import FedAvgServer, Server
-
-if TYPE_CHECKING:
-    from pflight.federation import Federation
+from pflight.server import FedAvgServer, FederationInfo, Server
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -180,9 +177,9 @@ class PartialFedAvgServer(FedAvgServer):
         self.shared = list(shared)
 
     @override
-    def setup(self, federation: Federation) -> None:
+    def setup(self, info: FederationInfo) -> None:
         """Called once: the shared entries of the client's initial weights."""
-        super().setup(federation)
+        super().setup(info)
         missing = [n for n in self.shared if n not in self.global_state]
         if missing:
             raise ValueError(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +36,8 @@ from typing_extensions import override
 
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
-from pflight.server import Server, load_optimizer_state
+from pflight.server import FederationInfo, Server, load_optimizer_state
 from pflight.streams import Stream, stream_seed
-
-if TYPE_CHECKING:
-    from pflight.federation import Federation
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -227,7 +224,7 @@ class PFedHNServer(Server):
         self.train_clients: list[int] = []
         self.new_clients: set[int] = set()
         self.new_embeddings: dict[int, Tensor] = {}  # fitted at the last evaluation, for inspection
-        self._federation: Federation | None = None
+        self._info: FederationInfo | None = None
         self._device = torch.device("cpu")
 
     def _make_optimizer(self, params: Sequence[Tensor] | None = None) -> torch.optim.Optimizer:
@@ -248,17 +245,18 @@ class PFedHNServer(Server):
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     @override
-    def setup(self, federation: Federation) -> None:
+    def setup(self, info: FederationInfo) -> None:
         """Called once: build ``h`` for every client (seeded by the data seed) and its optimizer."""
-        dm = federation.data
-        self._federation = federation
-        self.train_clients = list(dm.train_clients)
-        self.new_clients = set(dm.new_clients)
+        if info.network is None:
+            raise ValueError("`PFedHNServer` builds its hypernetwork for the clients' network: `info.network` is None.")
+        self._info = info
+        self.train_clients = list(info.train_clients)
+        self.new_clients = set(info.new_clients)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream_seed(dm.seed, Stream.PFEDHN_INIT))
+            torch.default_generator.manual_seed(stream_seed(info.seed, Stream.PFEDHN_INIT))
             self.hypernetwork = HyperNetwork.for_target(
-                federation.client.net,
-                dm.num_clients,
+                info.network,
+                info.num_clients,
                 self.private_prefixes,
                 self.embedding_dim,
                 self.hidden_dim,
@@ -271,7 +269,7 @@ class PFedHNServer(Server):
         """Follow the federation onto its device (the hypernetwork is built before the Trainer moves it)."""
         if self.hypernetwork is None or self.optimizer is None:
             raise RuntimeError("`PFedHNServer` is used before `setup`: run it inside a `Federation`.")
-        device = self._federation.device if self._federation is not None else self._device
+        device = self._info.device() if self._info is not None else self._device
         if device != self._device:
             self.hypernetwork.to(device)
             for state in self.optimizer.state.values():
@@ -321,12 +319,21 @@ class PFedHNServer(Server):
         ``h(v; phi)`` on its train split and returns ``theta~``; ``v`` moves along the VJP of the delta.
         """
         hyper = self._ensure_device()
-        client = self._federation.client if self._federation is not None else None
-        if not isinstance(client, PFedHN):
-            raise TypeError(
-                "`PFedHNServer` fits new clients through a `pflight.algorithms.pfedhn.PFedHN` client, got"
-                f" {type(client).__name__}: use `class_path: pflight.algorithms.pfedhn.PFedHN`."
-            )
+        if self._info is None:
+            raise RuntimeError("`PFedHNServer` is used before `setup`: run it inside a `Federation`.")
+        info = self._info
+
+        def inner_loop(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+            def run(client: Any) -> dict[str, Tensor]:
+                if not isinstance(client, PFedHN):
+                    raise TypeError(
+                        "`PFedHNServer` fits new clients through a `pflight.algorithms.pfedhn.PFedHN` client, got"
+                        f" {type(client).__name__}: use `class_path: pflight.algorithms.pfedhn.PFedHN`."
+                    )
+                return client.local_update(weights)
+
+            return info.ask(client_id, run)  # in the context the new client is being evaluated in
+
         with torch.no_grad():
             start = hyper.embeddings.weight[self.train_clients].mean(0)  # (embedding_dim,)
         embedding = nn.Parameter(start.clone())
@@ -334,7 +341,7 @@ class PFedHNServer(Server):
         with torch.enable_grad(), torch.autocast(self._device.type, enabled=False):
             for _ in range(self.new_client_steps):
                 generated = hyper.generate(embedding)
-                trained = client.local_update({n: t.detach() for n, t in generated.items()})
+                trained = inner_loop({n: t.detach() for n, t in generated.items()})
                 (grad,) = hypernetwork_gradients(generated, hypernetwork_delta(generated, trained), [embedding])
                 embedding.grad = grad
                 if self.grad_clip is not None:

@@ -27,6 +27,7 @@ from pflight.data.partitioners import (
     rotate_images,
     split_sizes,
 )
+from pflight.data.torch_dataset import FromDataModule, LazyInputs, TorchDataset
 from pflight.streams import stream_seed
 
 __all__ = [
@@ -42,9 +43,11 @@ __all__ = [
     "FeatureSkewPartitioner",
     "FederatedDataModule",
     "FlwrPartitioner",
+    "FromDataModule",
     "HuggingFace",
     "IIDPartitioner",
     "LEAFSource",
+    "LazyInputs",
     "NaturalIdPartitioner",
     "Partitioner",
     "PathologicalPartitioner",
@@ -54,6 +57,7 @@ __all__ = [
     "Shakespeare",
     "ShardPartitioner",
     "Synthetic",
+    "TorchDataset",
     "label_entropy",
     "resolve_source",
     "rotate_images",

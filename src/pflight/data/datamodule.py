@@ -3,13 +3,21 @@
 Clients' data never leave their :class:`ClientData`; the federation asks for batches of one client
 at a time, in an order seeded by ``(seed, round, client)`` so that results do not depend on how many
 processes run the clients, nor in which order.
+
+A split's inputs are a tensor, or a :class:`~pflight.data.torch_dataset.LazyInputs` (a source that reads its
+samples a batch at a time, such as :class:`~pflight.data.TorchDataset`, or a split seen through a transform):
+indexing either gives a tensor. Per-split transforms (``train_transform``, ``eval_transform``) run per sample on
+the fly; the train transform's random draws are seeded per batch from the client's generator of
+``(seed, round, client)``, so augmented runs repeat exactly whatever the executor or the number of processes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -19,25 +27,79 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pflight.data.datasets import DataSource, resolve_source
 from pflight.data.partitioners import DirichletPartitioner, Partitioner
+from pflight.data.torch_dataset import LazyInputs
 from pflight.streams import Stream, stream_seed
 
 SPLITS = ("train", "val", "test")
+Inputs = Tensor | LazyInputs  # a split's inputs: in memory, or read when indexed
+Transform = Callable[[Any], Any]  # one sample's input -> its transformed input (a torchvision transform)
+
+
+def with_transform(x: Inputs, transform: Transform | None) -> Inputs:
+    """``x`` seen through a per-sample ``transform`` (applied when indexed); ``x`` itself when there is none.
+
+    >>> with_transform(torch.ones(3, 2), lambda v: 2 * v)[:2].tolist()
+    [[2.0, 2.0], [2.0, 2.0]]
+    """
+    if transform is None:
+        return x
+    return x.with_transform(transform) if isinstance(x, LazyInputs) else LazyInputs(x, transforms=(transform,))
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Torch's global CPU generator seeded with ``seed`` inside the block, and restored after it.
+
+    Torchvision's random transforms draw from the global generator: this gives each batch its own stream.
+
+    >>> before = torch.random.get_rng_state()
+    >>> with seeded_global_rng(3):
+    ...     a = torch.rand(2)
+    >>> with seeded_global_rng(3):
+    ...     b = torch.rand(2)
+    >>> torch.equal(a, b), torch.equal(before, torch.random.get_rng_state())
+    (True, True)
+    """
+    gen = torch.default_generator
+    state = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        yield
+    finally:
+        gen.set_state(state)
 
 
 @dataclass
 class ClientData:
-    """One client's splits, each an ``(x, y)`` pair of tensors."""
+    """One client's splits, each an ``(x, y)`` pair: inputs (a tensor, or :class:`LazyInputs`) and labels.
+
+    ``train_transform`` is the input pipeline of local training's batches (``batches(..., augment_seed=...)``),
+    ``eval_transform`` that of everything else (:meth:`split`, and :meth:`batches` without ``augment_seed``); each
+    runs per sample when a batch is read, and None leaves inputs as they are.
+    """
 
     client_id: int
-    train: tuple[Tensor, Tensor]
-    val: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
+    train: tuple[Inputs, Tensor]
+    val: tuple[Inputs, Tensor]
+    test: tuple[Inputs, Tensor]
+    train_transform: Transform | None = None
+    eval_transform: Transform | None = None
 
-    def split(self, name: str) -> tuple[Tensor, Tensor]:
-        """The ``(x, y)`` tensors of split ``name`` (train, val or test)."""
+    @property
+    def in_memory(self) -> bool:
+        """Whether every split's inputs are one tensor in memory (not read from a data set a batch at a time)."""
+        return all(isinstance(getattr(self, name)[0], Tensor) for name in SPLITS)
+
+    def split(self, name: str) -> tuple[Inputs, Tensor]:
+        """The ``(x, y)`` of split ``name`` (train, val or test), inputs seen through ``eval_transform``.
+
+        ``x`` is a tensor, or :class:`LazyInputs` (read when indexed: ``x[idx]`` is a tensor, ``x.to(device)``
+        reads the whole split) for lazily read sources and when an ``eval_transform`` is set.
+        """
         if name not in SPLITS:
             raise ValueError(f"`split={name!r}` is not a client split: use one of {SPLITS}.")
-        return getattr(self, name)
+        x, y = getattr(self, name)
+        return with_transform(x, self.eval_transform), y
 
     def num_samples(self, name: str = "train") -> int:
         """The number of samples in split ``name``."""
@@ -51,12 +113,19 @@ class ClientData:
         epochs: int = 1,
         steps: int | None = None,
         drop_last: bool = False,
+        augment_seed: int | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield minibatches of split ``name``: ``epochs`` passes, or exactly ``steps`` batches.
 
-        Shuffled with ``generator`` when given (a fresh permutation per pass), else in order.
+        Shuffled with ``generator`` when given (a fresh permutation per pass), else in order. Inputs go through
+        ``eval_transform``; with ``augment_seed`` they go through ``train_transform`` instead, the ``b``-th batch's
+        with torch's global generator seeded by ``(augment_seed, b)`` (torchvision's random transforms draw
+        from it; it is restored after each batch).
         """
-        x, y = self.split(name)
+        x, y = self.split(name)  # the eval pipeline's inputs
+        if augment_seed is not None:  # local training's pipeline instead, on the split's own inputs
+            x = with_transform(getattr(self, name)[0], self.train_transform)
+        seeded = augment_seed is not None and self.train_transform is not None
         n = len(y)
         if n == 0:
             return
@@ -72,17 +141,42 @@ class ClientData:
                 if steps is not None and done >= steps:
                     return
                 idx = order[start : start + size]
-                yield x[idx], y[idx]
+                if seeded:
+                    with seeded_global_rng(stream_seed(augment_seed, done)):
+                        xb = x[idx]
+                else:
+                    xb = x[idx]
+                yield xb, y[idx]
                 done += 1
             passes += 1
 
     def to(self, device: torch.device | str) -> ClientData:
-        """A copy with every tensor on ``device``."""
+        """A copy with every tensor on ``device`` (lazily read inputs stay where they are read)."""
 
-        def move(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-            return pair[0].to(device, non_blocking=True), pair[1].to(device, non_blocking=True)
+        def move(pair: tuple[Inputs, Tensor]) -> tuple[Inputs, Tensor]:
+            x = pair[0].to(device, non_blocking=True) if isinstance(pair[0], Tensor) else pair[0]
+            return x, pair[1].to(device, non_blocking=True)
 
-        return ClientData(self.client_id, move(self.train), move(self.val), move(self.test))
+        return ClientData(
+            self.client_id,
+            move(self.train),
+            move(self.val),
+            move(self.test),
+            self.train_transform,
+            self.eval_transform,
+        )
+
+
+class _SampleShift:
+    """A partitioner's input shift of client ``k`` (:meth:`Partitioner.transform`), applied to one sample."""
+
+    def __init__(self, partitioner: Partitioner, client_id: int, num_clients: int) -> None:
+        self.partitioner = partitioner
+        self.client_id = client_id
+        self.num_clients = num_clients
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.partitioner.transform(self.client_id, self.num_clients, x.unsqueeze(0))[0]
 
 
 class _Once(Dataset):
@@ -103,8 +197,8 @@ def _only(items: list[Tensor]) -> Tensor:
     return items[0]
 
 
-def _take(t: Tensor, idx: np.ndarray) -> Tensor:
-    """Rows ``idx`` of ``t``, a new contiguous tensor.
+def _take(t: Inputs, idx: np.ndarray) -> Inputs:
+    """Rows ``idx`` of ``t``, a new contiguous tensor (lazily read inputs: a lazy view of those rows).
 
     Gathered by numpy where the dtype allows: torch's indexing waits on its thread pool, which costs
     more than the copy itself when thousands of clients each gather a few hundred rows.
@@ -112,6 +206,8 @@ def _take(t: Tensor, idx: np.ndarray) -> Tensor:
     >>> _take(torch.arange(6).reshape(3, 2), np.array([2, 0])).tolist()
     [[4, 5], [0, 1]]
     """
+    if isinstance(t, LazyInputs):
+        return t.subset(idx)
     try:
         return torch.from_numpy(t.numpy()[idx])
     except (TypeError, RuntimeError):  # bfloat16, a tensor that requires grad, ...
@@ -130,9 +226,27 @@ class FederatedDataModule(pl.LightningDataModule):
     is one communication round, and the federation fetches client batches through
     :meth:`client_data`.
 
+    Transforms: ``train_transform`` is the input pipeline of local training's batches (the train split's
+    batches that :meth:`ClientContext.batches <pflight.client.ClientContext.batches>` gives while a client
+    trains), ``eval_transform`` the pipeline of every other read: validation and test, and the train split
+    when it is read for anything but local training (personalization's fine-tuning before evaluation,
+    ``split("train")``). Both are callables on one sample's input, such as a ``torchvision.transforms.v2``
+    pipeline, applied per sample as a batch is read, so each sample gets its own random crop and flip; as in
+    torchvision's usual pair of pipelines, neither is applied on top of the other. Personalization sees the
+    evaluation pipeline because it is part of evaluating the trained model: without augmentation its
+    fine-tuning reads the same inputs as the evaluation it prepares, and an evaluation without random draws
+    can be vectorized. The train transform's random draws are seeded per batch from the client's generator of
+    ``(seed, round, client)``: runs repeat exactly, whatever the executor, the order of clients and the number
+    of processes. The vectorized executor gathers batches from stacked tensors, so a train transform (and a
+    lazily read source) trains clients one at a time, and an eval transform evaluates them one at a time
+    (:meth:`vectorized_reason`). Deterministic per-sample preprocessing (decoding, resizing) belongs to the
+    data set's own ``transform`` (:class:`~pflight.data.TorchDataset`), shared by every split.
+
     Args:
         dataset: a source (``class_path``) or a name: digits, mnist, fashion_mnist, cifar10,
-            cifar100, synthetic; LEAF's ``pflight.data.FEMNIST``, ``Shakespeare``, ``Sent140`` by class path.
+            cifar100, synthetic; LEAF's ``pflight.data.FEMNIST``, ``Shakespeare``, ``Sent140`` by class path;
+            a map-style ``torch.utils.data.Dataset`` of one's own through ``pflight.data.TorchDataset``, a
+            ``LightningDataModule``'s through ``pflight.data.FromDataModule``.
         num_clients: total number of clients, new clients included.
         partitioner: how samples are split over clients (ignored by natural sources).
         val_fraction: share of each client's samples in its validation split.
@@ -143,6 +257,8 @@ class FederatedDataModule(pl.LightningDataModule):
         public_fraction: share of the pool set aside, stratified by class, as public data.
         batch_size: local minibatch size.
         seed: seeds partitioning, splits, client sampling and batch order.
+        train_transform: the per-sample input transform of local training's batches (e.g. random crop and flip).
+        eval_transform: the per-sample input transform of every other read (validation, test, personalization).
     """
 
     def __init__(
@@ -156,6 +272,8 @@ class FederatedDataModule(pl.LightningDataModule):
         public_fraction: float = 0.0,
         batch_size: int = 32,
         seed: int = 0,
+        train_transform: Transform | None = None,
+        eval_transform: Transform | None = None,
     ) -> None:
         super().__init__()
         self.source = resolve_source(dataset)
@@ -176,6 +294,14 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ValueError(f"`FederatedDataModule(num_clients={num_clients})` must be >= 1.")
         if batch_size < 1:
             raise ValueError(f"`FederatedDataModule(batch_size={batch_size})` must be >= 1.")
+        for name, transform in (("train_transform", train_transform), ("eval_transform", eval_transform)):
+            if transform is not None and not callable(transform):
+                raise ValueError(
+                    f"`FederatedDataModule({name}={transform!r})` is not callable: give a function of one sample's"
+                    " input, such as a `torchvision.transforms.v2.Compose([...])`."
+                )
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
         self.num_clients = num_clients
         self.partitioner = partitioner if partitioner is not None else DirichletPartitioner()
         self.val_fraction = val_fraction
@@ -185,7 +311,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.clients: list[ClientData] = []
-        self.public: tuple[Tensor, Tensor] | None = None
+        self.public: tuple[Inputs, Tensor] | None = None
         self.train_clients: list[int] = []
         self.new_clients: list[int] = []
         self.num_classes = self.source.num_classes
@@ -230,13 +356,13 @@ class FederatedDataModule(pl.LightningDataModule):
                     self.clients.append(self._make_client(k, x, y, np.arange(len(y)), tests[k]))
                     tests[k] = None
         else:
-            pool_x, pool_y = self.source.load()
+            pool_x, pool_y = self.source.load()  # inputs: a tensor, or LazyInputs read a batch at a time
             self.num_classes = self.source.num_classes  # a source may learn its classes on loading
             labels = pool_y.numpy()
             idx_all = np.arange(len(labels))
             if self.public_fraction > 0:
                 public_idx, idx_all = self._public_split(labels, idx_all)
-                self.public = (pool_x[public_idx], pool_y[public_idx])
+                self.public = (_take(pool_x, public_idx), pool_y[public_idx])
             # per-sample columns (a writer id, ...) go only to a partitioner that names them
             needed = self.partitioner.required_columns()
             extra = {"columns": {n: np.asarray(self.source.column(n))[idx_all] for n in needed}} if needed else {}
@@ -256,6 +382,9 @@ class FederatedDataModule(pl.LightningDataModule):
         digest = hashlib.sha256()
         for c in self.clients:
             for t in (*c.train, *c.val, *c.test):
+                if isinstance(t, LazyInputs):  # identified by its sample indices: reading samples is not setup's job
+                    digest.update(t.indices.tobytes())
+                    continue
                 # the first 4096 bytes of each tensor, read in place (tobytes() would copy it whole)
                 digest.update(t.numpy().reshape(-1).view(np.uint8)[:4096].tobytes())
                 digest.update(str(tuple(t.shape)).encode())
@@ -272,9 +401,13 @@ class FederatedDataModule(pl.LightningDataModule):
         return np.sort(np.concatenate(public)), np.sort(np.concatenate(keep))
 
     def _make_client(
-        self, k: int, x: Tensor, y: Tensor, idx: np.ndarray, test: tuple[Tensor, Tensor] | None = None
+        self, k: int, x: Inputs, y: Tensor, idx: np.ndarray, test: tuple[Tensor, Tensor] | None = None
     ) -> ClientData:
-        """Client ``k``'s splits of rows ``idx``; a given ``test`` split is kept and only val is carved from ``idx``."""
+        """Client ``k``'s splits of rows ``idx``; a given ``test`` split is kept and only val is carved from ``idx``.
+
+        A partitioner's input shift (:meth:`~pflight.data.Partitioner.transform`) is applied to a split's tensor
+        at once, and to lazily read inputs per sample as they are read.
+        """
         n = len(idx)
         test_fraction = 0.0 if test is not None else self.test_fraction
         n_val = int(round(self.val_fraction * n))
@@ -300,14 +433,19 @@ class FederatedDataModule(pl.LightningDataModule):
         perm = np.random.default_rng(stream_seed(self.seed, Stream.CLIENT_SPLIT, k)).permutation(idx)
         parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
         splits = {}
+        shifts = type(self.partitioner).transform is not Partitioner.transform and not self.source.natural
         for name, part in parts.items():
             t = np.sort(part)
             xs = _take(x, t)
-            xs = self.partitioner.transform(k, self.num_clients, xs) if not self.source.natural else xs
-            splits[name] = (xs.contiguous(), _take(y, t))
+            if isinstance(xs, LazyInputs):
+                xs = xs.with_transform(_SampleShift(self.partitioner, k, self.num_clients)) if shifts else xs
+            else:
+                xs = self.partitioner.transform(k, self.num_clients, xs) if not self.source.natural else xs
+                xs = xs.contiguous()
+            splits[name] = (xs, _take(y, t))
         if test is not None:
             splits["test"] = (test[0].contiguous(), test[1].contiguous())
-        return ClientData(k, splits["train"], splits["val"], splits["test"])
+        return ClientData(k, splits["train"], splits["val"], splits["test"], self.train_transform, self.eval_transform)
 
     # ------------------------------------------------------------------ access
     def client_data(self, client_id: int) -> ClientData:
@@ -315,6 +453,29 @@ class FederatedDataModule(pl.LightningDataModule):
         if not self.clients:
             self.setup()
         return self.clients[client_id]
+
+    def vectorized_reason(self, what: str = "train") -> str | None:
+        """Why the vectorized executor cannot serve these data for ``what`` (``train`` or ``eval``; None: it can).
+
+        It gathers batches from every client's split stacked in one tensor: it needs splits in memory, and
+        inputs that are used as they are (no train transform for training, no eval transform for evaluation).
+        """
+        if what not in ("train", "eval"):
+            raise ValueError(f"`vectorized_reason(what={what!r})` is not valid: use 'train' or 'eval'.")
+        if not self.clients:
+            self.setup()
+        if not all(c.in_memory for c in self.clients):
+            return (
+                f"the data source `{type(self.source).__name__}` reads its samples a batch at a time (they are not"
+                " stacked in memory): clients run one at a time; a source that loads tensors can be vectorized"
+            )
+        name = "train_transform" if what == "train" else "eval_transform"
+        if getattr(self, name) is not None:
+            return (
+                f"`FederatedDataModule({name}=...)` transforms each sample as a batch is read: clients run one at"
+                f" a time (without `{name}` they can be vectorized)"
+            )
+        return None
 
     def generator(self, round_idx: int, client_id: int, purpose: int = 0) -> torch.Generator:
         """A generator seeded by ``(seed, round, client, purpose)``: batch order and local randomness."""

@@ -1,4 +1,4 @@
-"""Data sources: each returns whole tensors (inputs float, labels int64) held in memory.
+"""Data sources: each returns whole tensors (inputs float, labels int64), held in memory unless said otherwise.
 
 * :class:`Digits`: scikit-learn's 8x8 digits, shipped with scikit-learn (no download).
 * :class:`MNIST`, :class:`FashionMNIST`, :class:`CIFAR10`, :class:`CIFAR100`: torchvision, train and
@@ -7,6 +7,8 @@
 * :class:`Synthetic`: the FedProx Synthetic(alpha, beta) generator, a natural per-client split.
 * LEAF's FEMNIST, Shakespeare and Sent140 (:mod:`pflight.data.leaf`): natural splits that bring their own
   per-client test split (``own_test_split``).
+* A user's own map-style ``torch.utils.data.Dataset`` or ``LightningDataModule``
+  (:mod:`pflight.data.torch_dataset`): read a batch at a time, not held in memory.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ class DataSource:
     own_test_split: bool = False
 
     def load(self) -> tuple[Tensor, Tensor]:
-        """Called once: return all inputs ``(N, ...)`` as float32 and labels ``(N,)`` as int64."""
+        """Called once: return all inputs ``(N, ...)`` as float32 and labels ``(N,)`` as int64.
+
+        Inputs too large for memory may be a :class:`~pflight.data.torch_dataset.LazyInputs` instead (read a batch
+        at a time, as :class:`~pflight.data.TorchDataset` gives them); the labels are always a tensor.
+        """
         raise NotImplementedError(f"{type(self).__name__} is a natural split: use `load_clients`.")
 
     def load_clients(self, num_clients: int, seed: int) -> list[tuple[Tensor, Tensor]]:
