@@ -109,7 +109,7 @@ ALGOS: list[Algo] = [
     Algo("fedbn", "pflight.algorithms.FedBN", grid=LR, batch_norm=True),
     Algo("fedora", "pflight.algorithms.Fedora", grid={"lr": [0.01, 0.05]}),
     Algo("pfedhn", "pflight.algorithms.PFedHN", grid=HN),
-    Algo("pfedhn_pc", "pflight.algorithms.PFedHNPC", grid=HN),
+    Algo("pfedhn_pc", "pflight.algorithms.PFedHN", fixed={"private_prefixes": ["head"]}, grid=HN),
 ]
 
 SCENARIOS = ["digits_dir0.1", "digits_dir0.5", "digits_path2", "rotated_digits", "synthetic"]

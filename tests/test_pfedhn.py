@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ from pflight import Federation
 from pflight.algorithms.pfedhn import (
     HyperNetwork,
     PFedHN,
-    PFedHNPC,
     PFedHNServer,
     hypernetwork_delta,
     hypernetwork_gradients,
@@ -25,6 +25,11 @@ from pflight.models import CNN, MLP
 from pflight.server import FederationInfo
 from pflight.streams import Stream, stream_seed
 from tests.conftest import make_trainer, run_federation
+
+
+def pfedhn_pc(net: nn.Module, **kwargs: object) -> PFedHN:
+    """pFedHN-PC as configs/pfedhn/*_pc.yaml build it: private heads, the paper's server learning rate."""
+    return PFedHN(net, private_prefixes=["head"], **{"server_lr": 5e-2, **kwargs})  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)
@@ -124,8 +129,8 @@ def _digits(new_client_fraction: float = 0.0) -> FederatedDataModule:
     )
 
 
-@pytest.mark.parametrize("cls", [PFedHN, PFedHNPC], ids=["pfedhn", "pfedhn-pc"])
-def test_learns_two_class_clients_and_fits_new_clients_with_phi_frozen(cls: type[PFedHN]) -> None:
+@pytest.mark.parametrize("cls", [PFedHN, pfedhn_pc], ids=["pfedhn", "pfedhn-pc"])
+def test_learns_two_class_clients_and_fits_new_clients_with_phi_frozen(cls: Callable[..., PFedHN]) -> None:
     """One client per server step: accuracy far above the 2-class chance; a new client's embedding is
     fitted at evaluation while phi stays unchanged; PC keeps a private head per client, never sent."""
     client = cls(MLP(input_shape=[1, 8, 8], hidden=[32], num_classes=10), local_steps=20, new_client_steps=5)
@@ -143,7 +148,7 @@ def test_learns_two_class_clients_and_fits_new_clients_with_phi_frozen(cls: type
     start = fed.server.hypernetwork.embeddings.weight[data.train_clients].mean(0)
     assert all(not torch.allclose(v, start) for v in fed.server.new_embeddings.values())
     message = fed.server.message_for(data.train_clients[0])
-    if cls is PFedHNPC:
+    if cls is pfedhn_pc:
         assert not any(n.startswith("head.") for n in message.tensors)
         heads = [fed.store.get(k)["private"]["head.weight"] for k in data.train_clients if k in fed.store]
         assert len(heads) > 2
@@ -158,7 +163,7 @@ def _first_heads(data: FederatedDataModule, torch_seed: int, private_init: str =
     """Each client's private head before its first step (load_client_state(None)), from a module built under
     ``torch_seed`` (another network initialization)."""
     torch.manual_seed(torch_seed)
-    client = PFedHNPC(MLP(input_shape=[1, 8, 8], hidden=[16], num_classes=10), private_init=private_init)
+    client = pfedhn_pc(MLP(input_shape=[1, 8, 8], hidden=[16], num_classes=10), private_init=private_init)
     heads = []
     for k in data.train_clients:
         client.context = ClientContext(k, 0, data.client_data(k), 16, torch.Generator(), seed=data.seed)
@@ -215,7 +220,7 @@ def test_private_init_does_not_touch_pfedhn_without_private_modules() -> None:
 def test_private_init_is_validated() -> None:
     """An unknown private_init, or a private module without reset_parameters, is refused with the fix."""
     with pytest.raises(ValueError, match=r"private_init='fresh'.*'independent', 'shared'"):
-        PFedHNPC(MLP(hidden=[8]), private_init="fresh")
+        pfedhn_pc(MLP(hidden=[8]), private_init="fresh")
 
     class Scale(nn.Module):
         def __init__(self) -> None:
@@ -231,8 +236,8 @@ def test_private_init_is_validated() -> None:
     PFedHN(net, private_prefixes=["1"], private_init="shared")
 
 
-@pytest.mark.parametrize("cls", [PFedHN, PFedHNPC], ids=["pfedhn", "pfedhn-pc"])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, cls: type[PFedHN]) -> None:
+@pytest.mark.parametrize("cls", [PFedHN, pfedhn_pc], ids=["pfedhn", "pfedhn-pc"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, cls: Callable[..., PFedHN]) -> None:
     """Stopping after step 3 of 6 and resuming from last.ckpt (hypernetwork, its momentum, private heads)
     gives the same evaluations as the uninterrupted run."""
 

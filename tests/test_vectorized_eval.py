@@ -17,6 +17,7 @@ from typing_extensions import override
 from pflight import Federation
 from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.maml import MAML
+from pflight.algorithms.reptile import Reptile
 from pflight.client import ClientContext, ClientModule, FineTune
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.models import MLP
@@ -58,6 +59,7 @@ ALGORITHMS: dict[str, Callable[[nn.Module], ClientModule]] = {
     "fedavgft-steps": lambda n: FedAvgFT(n, lr=0.1, finetune_steps=7, finetune_lr=0.03),
     "fedavgft-epochs": lambda n: FedAvgFT(n, lr=0.1, finetune_steps=0, finetune_epochs=2),
     "local-only": lambda n: LocalOnly(n, lr=0.1, new_client_epochs=3),
+    "reptile": lambda n: Reptile(n, lr=0.1, epsilon=0.5, finetune_steps=5, finetune_lr=0.05),
 }
 
 

@@ -9,7 +9,7 @@ from pflight.algorithms.fedora import Fedora
 from pflight.algorithms.maml import MAML, MetaSGD
 from pflight.algorithms.perfedavg import PerFedAvg
 from pflight.algorithms.personal_layers import FedBABU, FedBN, FedPer, FedRep, LGFedAvg
-from pflight.algorithms.pfedhn import PFedHN, PFedHNPC
+from pflight.algorithms.pfedhn import PFedHN
 from pflight.algorithms.pfedme import PFedMe, PFedMeServer
 from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
 
@@ -34,7 +34,6 @@ __all__ = [
     "LocalOnly",
     "MetaSGD",
     "PFedHN",
-    "PFedHNPC",
     "PFedMe",
     "PFedMeServer",
     "PerFedAvg",

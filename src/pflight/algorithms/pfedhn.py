@@ -8,8 +8,9 @@ One server step serves one client (``Federation(clients_per_round=1)``; a "round
             g_phi = (d theta_i / d phi)^T delta   # VJP = grad of 1/2 ||h(v_i; phi) - sg(theta~_i)||^2
             clip ||g_phi||, one optimizer step on phi (v_i included)
 
-pFedHN-PC generates everything but the classifier head; each client keeps a private head with a
-persistent optimizer. As in the official code (one ``LocalLayer`` built per client), every client's head
+pFedHN-PC (``PFedHN(private_prefixes=["head"], server_lr=5e-2)``, the configs ``pfedhn/*_pc.yaml``) generates
+everything but the classifier head; each client keeps a private head with a persistent optimizer. As in the
+official code (one ``LocalLayer`` built per client), every client's head
 starts from its own default initialization, drawn from a generator seeded by (data seed, client), so runs
 are reproducible and independent of the global RNG (``private_init="shared"``: every head starts from the
 module's one initial head instead). Evaluation uses the generated weights as they are (plus the private head).
@@ -655,63 +656,9 @@ class PFedHN(ClientModule):
         return {k: own[k].detach().clone() for k in weights}
 
 
-class PFedHNPC(PFedHN):
-    """pFedHN-PC: the hypernetwork generates all but the head; each client keeps a private head.
-
-    Same arguments as :class:`PFedHN`, with ``private_prefixes=["head"]`` and ``server_lr=5e-2`` by default.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 5e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-5,
-        local_steps: int = 50,
-        optimizer: OptimizerCallable | None = None,
-        inner_grad_clip: float | None = 50.0,
-        private_prefixes: list[str] | None = None,
-        embedding_dim: int | None = None,
-        hidden_dim: int = 100,
-        n_hidden: int = 3,
-        server_lr: float = 5e-2,
-        server_momentum: float = 0.9,
-        server_weight_decay: float = 1e-3,
-        embed_lr: float | None = None,
-        server_grad_clip: float | None = 50.0,
-        server_optimizer: OptimizerCallable | None = None,
-        new_client_steps: int = 50,
-        spectral_norm: bool = False,
-        private_init: str = "independent",
-    ) -> None:
-        super().__init__(
-            net,
-            lr,
-            momentum,
-            weight_decay,
-            local_steps,
-            optimizer,
-            inner_grad_clip,
-            private_prefixes if private_prefixes is not None else ["head"],
-            embedding_dim,
-            hidden_dim,
-            n_hidden,
-            server_lr,
-            server_momentum,
-            server_weight_decay,
-            embed_lr,
-            server_grad_clip,
-            server_optimizer,
-            new_client_steps,
-            spectral_norm,
-            private_init,
-        )
-
-
 __all__ = [
     "HyperNetwork",
     "PFedHN",
-    "PFedHNPC",
     "PFedHNServer",
     "default_embedding_dim",
     "hypernetwork_delta",

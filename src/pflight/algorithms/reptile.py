@@ -19,9 +19,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pflight.algorithms.meta_base import _device_type
-from pflight.algorithms.meta_functional import full_precision
-from pflight.client import ClientModule, OptimizerCallable, float_state
+from pflight.client import ClientContext, ClientModule, FineTune, OptimizerCallable, float_state
 from pflight.messages import Message
 from pflight.server import FedAvgServer, Server, load_optimizer_state
 
@@ -264,10 +262,9 @@ class Reptile(ClientModule):
         return Message("delta", delta, n_samples=self.context.data.num_samples("train"))
 
     @override
-    def personalize(self) -> None:
-        """Fine-tune the received φ on the train split (float32)."""
-        with full_precision(_device_type(self.net)):
-            self.fine_tune(steps=self.finetune_steps, epochs=self.finetune_epochs, lr=self.finetune_lr)
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
+        """Fine-tune the received φ on the train split (SGD in float32; vectorized with the training)."""
+        return FineTune(self.finetune_steps, self.finetune_epochs, self.finetune_lr)
 
 
 class PersonalizedFedAvg(Reptile):
