@@ -9,6 +9,7 @@ default run through their digits configs, and the CIFAR loading path through the
 from pathlib import Path
 
 import pytest
+import torch
 import torchvision
 import yaml
 
@@ -133,3 +134,28 @@ def test_config_runs_one_round(path, tmp_path, monkeypatch):
     history = cli.model.history
     assert history, "no evaluation ran"
     assert 0.0 <= history[-1]["val/personalized_acc"] <= 1.0
+
+
+def test_server_settings_are_the_servers(tmp_path, monkeypatch):
+    """`model.server` configures the server (FedAvgM's momentum) apart from the client: the run equals the one that
+    passes the same server optimizer through the client's arguments, and differs from plain FedAvg."""
+    monkeypatch.chdir(tmp_path)
+    path = Path(__file__).parents[1] / "configs" / "fedavg" / "digits_fedavgm.yaml"
+    common = ["fit", "--config", str(path), "--trainer.max_epochs", "2", "--trainer.logger", "false"]
+    runs = {}
+    for name, extra in {
+        "server": [],
+        "client": [
+            "--model.server",
+            "null",
+            "--model.client.init_args.server_optimizer",
+            '{"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0, "momentum": 0.9}}',
+        ],
+        "plain": ["--model.server", "null"],
+    }.items():
+        cli = PflightCLI(args=[*common, "--checkpoint.dirpath", str(tmp_path / name), *extra])
+        runs[name] = cli.model.server.global_state
+    assert type(runs["server"]) is dict
+    for key, value in runs["client"].items():
+        assert torch.equal(runs["server"][key], value), key
+    assert not torch.equal(runs["server"]["head.weight"], runs["plain"]["head.weight"])
