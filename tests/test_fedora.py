@@ -392,3 +392,39 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Any) -> None:
 
     assert metrics(full) == metrics(resumed)
     assert "val/new_clients_acc" in full.history[-1]
+
+
+def test_propagation_of_changes_equals_the_full_product_over_rounds() -> None:
+    """With absent="personal" the server adds P[:, U] (theta_U' - theta_U) to theta_hat each round instead of
+    recomputing P theta: over six rounds of partial participation theta_hat equals the full float64 product of the
+    latest personal models (to float32 rounding), including after a state_dict round trip."""
+    g = torch.Generator().manual_seed(0)
+    clients = 30
+
+    def model() -> dict[str, torch.Tensor]:
+        return {"w": torch.randn(4, 3, generator=g), "b": torch.randn(4, generator=g)}
+
+    initial = model()
+    signatures = torch.nn.functional.normalize(torch.rand(clients, 12, 1, generator=g), dim=1)
+    server = FedoraServer()
+    server.client_ids = list(range(clients))
+    server.propagation = propagation_matrix(relatedness_graph(signatures, tau=10.0, num_neighbors=3), alpha=0.8)
+    server.initial = initial
+    server.personal = dict.fromkeys(range(clients), initial)
+    server.received = dict.fromkeys(range(clients), initial)
+    latest = dict.fromkeys(range(clients), initial)
+    for round_idx in range(6):
+        reporting = torch.randperm(clients, generator=g)[:7].tolist()
+        uploads = {k: model() for k in reporting}
+        latest.update(uploads)
+        server.update({k: Message("weights", v) for k, v in uploads.items()}, round_idx)
+        if round_idx == 2:  # a resumed server continues from the saved theta_hat
+            state = server.state_dict()
+            server = FedoraServer()
+            server.load_state_dict(state)
+        p = server.propagation.double()
+        for name in ("w", "b"):
+            stacked = torch.stack([latest[j][name].double().reshape(-1) for j in range(clients)])
+            expected = (p @ stacked).reshape(clients, *initial[name].shape)
+            got = torch.stack([server.received[k][name].double() for k in range(clients)])
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

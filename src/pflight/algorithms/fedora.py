@@ -39,7 +39,7 @@ from typing_extensions import override
 
 from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
-from pflight.server import FederationInfo, Server
+from pflight.server import FederationInfo, Server, flatten_state, state_layout, unflatten_state
 from pflight.streams import Stream
 
 
@@ -281,6 +281,10 @@ class FedoraServer(Server):
         self.initial: dict[str, Tensor] = {}
         self.personal: dict[int, dict[str, Tensor]] = {}
         self.received: dict[int, dict[str, Tensor]] = {}
+        # absent="personal": theta (personal models) and theta_hat = P theta as (K, numel) float64 matrices, so a
+        # round updates theta_hat by P[:, reported] (theta_new - theta_old)[reported]: K x reported x numel work
+        self._theta: Tensor | None = None
+        self._theta_hat: Tensor | None = None
 
     def _signatures(self, info: FederationInfo, ids: Sequence[int], labeled: bool) -> Tensor:
         """Each client's one-time signature message, as it would send it (``(K, D, q)``)."""
@@ -326,18 +330,46 @@ class FedoraServer(Server):
 
     @override
     def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
-        """Called at round end: keep the uploaded personal models, re-propagate for every client."""
+        """Called at round end: keep the uploaded personal models, re-propagate for every client.
+
+        With ``absent="personal"`` only what changed is propagated: ``theta_hat += P[:, U] (theta_U' - theta_U)``
+        over the reporting clients ``U`` (float64, so the sum stays the full product's to rounding).
+        """
         for k, message in uploads.items():
             if message.kind != "weights":
                 raise ValueError(
                     f"`FedoraServer` propagates weights uploads, got kind {message.kind!r} from client {k}."
                 )
-            self.personal[k] = {name: t.detach().cpu().clone() for name, t in message.tensors.items()}
-        if uploads:
-            stand_in = self.personal if self.absent == "personal" else self.received  # for a client that is absent
-            sources = [self.personal[k] if k in uploads else stand_in[k] for k in self.client_ids]
+        if not uploads:
+            return
+        if self.absent == "personal":
+            self._propagate_changes(uploads)
+        else:
+            for k, message in uploads.items():
+                self.personal[k] = {name: t.detach().cpu().clone() for name, t in message.tensors.items()}
+            sources = [self.personal[k] if k in uploads else self.received[k] for k in self.client_ids]
             mixed = propagate(self.propagation, sources)
             self.received = dict(zip(self.client_ids, mixed, strict=True))
+
+    def _propagate_changes(self, uploads: Mapping[int, Message]) -> None:
+        layout = state_layout(next(iter(uploads.values())).tensors)
+        cpu = torch.device("cpu")
+        if self._theta is None:
+            self._theta = torch.stack(
+                [flatten_state(self.personal[k], layout, torch.float64, cpu) for k in self.client_ids]
+            )
+        if self._theta_hat is None:  # the full product once (the first round, or a resume without it)
+            self._theta_hat = self.propagation.double() @ self._theta
+        row = {k: i for i, k in enumerate(self.client_ids)}
+        rows = [row[k] for k in uploads]
+        new = torch.stack([flatten_state(m.tensors, layout, torch.float64, cpu) for m in uploads.values()])
+        self._theta_hat += self.propagation[:, rows].double() @ (new - self._theta[rows])  # (K, U) @ (U, numel)
+        self._theta[rows] = new
+        for k, message in uploads.items():
+            self.personal[k] = {name: t.detach().cpu().clone() for name, t in message.tensors.items()}
+        dtypes = {dtype for _, _, dtype in layout}
+        mixed = self._theta_hat.to(dtypes.pop()) if len(dtypes) == 1 else self._theta_hat  # one cast, then views
+        self.received = {k: unflatten_state(mixed[i], layout) for i, k in enumerate(self.client_ids)}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -350,6 +382,7 @@ class FedoraServer(Server):
             "new_rows": dict(self.new_rows),
             "personal": self.personal,
             "received": self.received,
+            "theta_hat": self._theta_hat,  # float64 theta_hat (absent="personal"), so a resumed run adds to it exactly
         }
 
     @override
@@ -362,6 +395,9 @@ class FedoraServer(Server):
         self.new_rows = dict(state_dict["new_rows"])
         self.personal = {int(k): dict(v) for k, v in state_dict["personal"].items()}
         self.received = {int(k): dict(v) for k, v in state_dict["received"].items()}
+        self._theta = None  # rebuilt from the personal models at the next update
+        theta_hat = state_dict.get("theta_hat")
+        self._theta_hat = theta_hat.clone() if theta_hat is not None else None
 
 
 # ---------------------------------------------------------------------------------------------- client
