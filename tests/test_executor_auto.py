@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pflight import Federation
-from pflight.algorithms import MAML, FedAvg, FedAvgFT
+from pflight.algorithms import FedAvg, FedAvgFT, Fedora
 from pflight.data import FederatedDataModule
 from pflight.models import CNN, MLP
 from tests.conftest import run_federation
@@ -72,8 +72,8 @@ def test_what_the_vectorized_executor_cannot_serve_runs_sequential():
 
 
 def test_train_and_eval_choose_separately():
-    """MAML trains vectorized (its step is `loss`) but personalizes by its own code: evaluated client by client."""
-    fed = run_federation(MAML(MLP(hidden=[16]), inner_lr=0.05), data(), rounds=1)
+    """FEDORA trains vectorized (its step is `loss`) but personalizes by its own code: evaluated client by client."""
+    fed = run_federation(Fedora(MLP(hidden=[16]), lr=0.05), data(), rounds=1)
     assert fed.executor_for("train") == "vectorized"
     assert fed.executor_for("eval") == "sequential"
     assert fed.last_eval_executor == "sequential"

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from pflight import Federation
 from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
-from pflight.algorithms.maml import MAML
+from pflight.algorithms.maml import MAML, MetaSGD
 from pflight.algorithms.reptile import Reptile
 from pflight.client import ClientContext, ClientModule, FineTune
 from pflight.data import DirichletPartitioner, FederatedDataModule
@@ -151,11 +151,24 @@ def test_fused_step_fine_tunes_an_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
     assert with_eval == len(calls) + 7  # finetune_steps
 
 
-def test_maml_falls_back_to_sequential_evaluation() -> None:
-    """MAML's own ``personalize`` runs client by client, with the reason warned once, as before."""
-    make = lambda n: MAML(n, inner_steps=1, local_steps=2)  # noqa: E731
+@pytest.mark.parametrize("eval_inner_steps", [1, 3], ids=["1-inner-step", "3-inner-steps"])
+def test_maml_personalizes_vectorized(eval_inner_steps: int) -> None:
+    """MAML's evaluation is a plan (its inner steps on one support batch, drawn as training draws it): evaluated
+    vectorized with the sequential executor's per-client results."""
+    make = lambda n: MAML(n, inner_steps=1, local_steps=2, eval_inner_steps=eval_inner_steps)  # noqa: E731
     seq = run(make, "sequential")
-    with pytest.warns(UserWarning, match="evaluates client by client: `MAML.personalize` is its own code"):
+    vec = run(make, "vectorized")
+    assert vec.last_eval_executor == "vectorized"
+    assert_same_evaluation(seq, vec)
+    none = run(lambda n: MAML(n, inner_steps=1, local_steps=2, eval_inner_steps=0), "sequential")
+    assert none.last_evaluation["personalized"] != seq.last_evaluation["personalized"]  # the steps adapt
+
+
+def test_metasgd_falls_back_to_sequential_evaluation() -> None:
+    """Meta-SGD's per-parameter inner steps are its own ``personalize``: client by client, the reason warned once."""
+    make = lambda n: MetaSGD(n, inner_steps=1, local_steps=2)  # noqa: E731
+    seq = run(make, "sequential")
+    with pytest.warns(UserWarning, match="evaluates client by client: `MetaSGD.personalize` is its own code"):
         vec = run(make, "vectorized")
     assert vec.last_eval_executor == "sequential"
     assert vec._eval_fallback_reason is not None

@@ -208,11 +208,14 @@ class FineTune:
         steps: SGD steps (batches); 0 with ``epochs`` 0 is no fine-tuning.
         epochs: passes over the train split (used when ``steps`` is 0).
         lr: the learning rate (None: the client's ``lr``).
+        batch: the train split's sample indices of one batch that every one of the ``steps`` steps takes (MAML's
+            support batch); None: minibatches of the train split from the evaluation stream.
     """
 
     steps: int = 0
     epochs: int = 0
     lr: float | None = None
+    batch: Tensor | None = None
 
 
 _REDUCTIONS = {"mean", "sum", "max", "min"}
@@ -525,7 +528,7 @@ class ClientModule(pl.LightningModule):
         assert self.context is not None
         plan = self.personalization_plan(self.context)
         if plan is not None:
-            self.fine_tune(plan.steps, plan.epochs, plan.lr)
+            self.fine_tune(plan.steps, plan.epochs, plan.lr, plan.batch)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -557,19 +560,26 @@ class ClientModule(pl.LightningModule):
         self.train(was_training)
         return correct, total, loss
 
-    def fine_tune(self, steps: int = 0, epochs: int = 0, lr: float | None = None) -> None:
+    def fine_tune(self, steps: int = 0, epochs: int = 0, lr: float | None = None, batch: Tensor | None = None) -> None:
         """SGD on the train split (``steps`` batches, or ``epochs`` passes) in float32, train mode.
 
+        With ``batch`` (sample indices of the train split) every one of the ``steps`` steps is on that one batch.
         Autocast is switched off: under mixed precision the adaptation still runs in float32.
         """
         assert self.context is not None
         if steps <= 0 and epochs <= 0:
             return
+        if batch is not None:
+            x_all, y_all = self.context.data.split("train")
+            fixed = (x_all[batch].to(self.context.device), y_all[batch].to(self.context.device))
+            batches: Iterable[tuple[Tensor, Tensor]] = [fixed] * max(steps, 0)
+        else:
+            batches = self.context.batches("train", epochs=max(epochs, 1), steps=steps if steps > 0 else None)
         opt = torch.optim.SGD(self.net.parameters(), lr=lr if lr is not None else self.lr)
         was_training = self.training
         self.net.train()
         with torch.enable_grad(), torch.autocast(self.context.device.type, enabled=False):
-            for x, y in self.context.batches("train", epochs=max(epochs, 1), steps=steps if steps > 0 else None):
+            for x, y in batches:
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(self.net(x).float(), y).backward()
                 opt.step()

@@ -787,6 +787,8 @@ def evaluate_clients(
         lrs.append(float(ft.lr if ft is not None and ft.lr is not None else client.lr))
         if ft is None or (ft.steps <= 0 and ft.epochs <= 0):
             plans.append([])
+        elif ft.batch is not None:
+            plans.append([ft.batch.cpu()] * max(ft.steps, 0))
         else:
             n = ctx.data.num_samples("train")
             plans.append(plan_batches(n, ctx.batch_size, ctx.generator, max(ft.epochs, 1), ft.steps or None))

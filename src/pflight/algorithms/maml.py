@@ -23,6 +23,7 @@ Flower baseline's k epochs of minibatch steps); a client may take several meta-s
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -32,7 +33,16 @@ from typing_extensions import override
 
 from pflight.algorithms.meta_base import GradientAccumulator, _device_type, _draw, support_query_split
 from pflight.algorithms.meta_functional import adapt, copy_buffers, cross_entropy_loss, full_precision
-from pflight.client import Batch, ClientContext, ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.client import (
+    Batch,
+    ClientContext,
+    ClientModule,
+    FineTune,
+    OptimizerCallable,
+    float_state,
+    load_float_state,
+)
+from pflight.data.datamodule import ClientData
 from pflight.messages import Message
 from pflight.server import FedAvgServer, FederationInfo, Server
 from pflight.streams import Stream, stream_seed
@@ -283,26 +293,19 @@ class MAML(ClientModule):
 
     # ---------------------------------------------------------------- evaluation
     @override
-    def personalize(self) -> None:
-        """The same inner steps (float32) on a support batch; the adapted weights and statistics are loaded."""
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
+        """The same inner steps, first order, in float32, on a support batch: plain SGD of ``inner_lr`` on one batch.
+
+        The support batch is drawn as training draws it (:meth:`meta_batches`, from ``ctx``'s generator), replayed
+        on the train split's sample indices; as data, the evaluation runs vectorized with the training.
+        """
         if self.eval_inner_steps == 0:
-            return
-        (xs, ys), _ = self.meta_batches()
-        support = Batch(xs, ys)
-        lr = self.inner_lrs()
-        lr = {n: a.detach() for n, a in lr.items()} if isinstance(lr, dict) else lr
-        was_training = self.net.training
-        self.net.train()
-        stats = copy_buffers(self.net)
-
-        def support_loss(p: Mapping[str, Tensor]) -> Tensor:
-            return cross_entropy_loss(self.net, p, stats, support)
-
-        with torch.enable_grad(), full_precision(_device_type(self.net)):
-            start = {n: p.detach() for n, p in self.net.named_parameters()}
-            fast = adapt(support_loss, start, lr, self.eval_inner_steps, first_order=True)
-        load_float_state(self.net, {**{n: p.detach() for n, p in fast.items()}, **stats})
-        self.net.train(was_training)
+            return None
+        n = ctx.data.num_samples("train")
+        idx, empty = torch.arange(n), torch.zeros(0, dtype=torch.long)
+        indices = ClientData(ctx.data.client_id, (idx, idx), (empty, empty), (empty, empty))
+        (support, _), _ = self.meta_batches(replace(ctx, data=indices, device=torch.device("cpu")))
+        return FineTune(steps=self.eval_inner_steps, lr=self.inner_lr, batch=support)
 
 
 class MetaSGD(MAML):
@@ -356,6 +359,31 @@ class MetaSGD(MAML):
             " the network, which the vectorized executor neither stacks per client nor differentiates (use `MAML`"
             " for a fixed α)"
         )
+
+    @override
+    def personalize(self) -> None:
+        """The same inner steps of the learned α (float32) on a support batch; the adapted weights are loaded.
+
+        Per-parameter step sizes are not a plain fine-tuning plan: this runs client by client.
+        """
+        if self.eval_inner_steps == 0:
+            return
+        (xs, ys), _ = self.meta_batches()
+        support = Batch(xs, ys)
+        lr = self.inner_lrs()
+        lr = {n: a.detach() for n, a in lr.items()} if isinstance(lr, dict) else lr
+        was_training = self.net.training
+        self.net.train()
+        stats = copy_buffers(self.net)
+
+        def support_loss(p: Mapping[str, Tensor]) -> Tensor:
+            return cross_entropy_loss(self.net, p, stats, support)
+
+        with torch.enable_grad(), full_precision(_device_type(self.net)):
+            start = {n: p.detach() for n, p in self.net.named_parameters()}
+            fast = adapt(support_loss, start, lr, self.eval_inner_steps, first_order=True)
+        load_float_state(self.net, {**{n: p.detach() for n, p in fast.items()}, **stats})
+        self.net.train(was_training)
 
     @override
     def inner_lrs(self) -> dict[str, Tensor]:
