@@ -31,12 +31,14 @@ counts the one upload in flight and (b) every upload a rank keeps until the gath
 before the timed ones, with glibc's mmap threshold fixed at 128 KiB from the process's start, so that freed blocks
 go back to the system and resident memory is what is alive rather than what earlier phases left in the heap; the
 timed rounds then run with the threshold at 32 MiB, the ceiling glibc's default raises it to once large blocks have
-been freed. ``--isolate`` runs every phase in fresh processes (each start imports Lightning: slower).
+been freed. The first round of each kind in a process runs unmeasured (one-off allocations). ``--isolate`` runs
+every phase in fresh processes (each start imports Lightning: slower). (b) is skipped, and says so, where it would
+need more than 80% of the available memory (:func:`gather_bytes`: every rank receives every upload).
 
-Bytes sent per rank (each rank receives as many): gloo's all_reduce is a ring (reduce-scatter, then all-gather), so
-``2 (n-1)/n x buffer``; torch's ``all_gather_object`` pickles the object, all-gathers the n sizes (8 bytes each) and
-then n buffers padded to the largest pickle, which gloo's ring all-gather sends ``(n-1) x`` (8 + largest pickle).
-Pickle sizes are measured (the same pickler, written into a counter).
+Bytes sent per rank (each rank receives as many): gloo's all_reduce runs its ring algorithm (reduce-scatter, then
+all-gather), so ``2 (n-1)/n x buffer``; torch's ``all_gather_object`` pickles the object, all-gathers the n sizes
+(8 bytes each), then n buffers padded to the largest pickle, which gloo's ring all-gather sends ``(n-1) x``
+(8 + largest pickle). Pickle sizes are measured (the same pickler, written into a counter).
 
 Targets: (a)'s reduce within 2x of (c); (a)'s peak memory per rank independent of the number of clients per round
 (its spread over ``--clients`` within half a model's size). Both are printed as met or MISS. Processes get
@@ -66,7 +68,6 @@ MODELS = {
     "resnet18": "ResNet18(num_classes=10, norm='group')",
     "mlp": "MLP(input_shape=[784], hidden=[512, 512], num_classes=10)",
 }
-GATHER_MEMORY = 8  # (b) needs about this many times C uploads of memory, all ranks together (README: 6.7x measured)
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -224,8 +225,8 @@ def rank_main(spec: dict[str, Any]) -> None:
             dist.barrier()
 
     def room_to_gather(clients: int) -> bool:
-        """Rank 0's answer for all: whether (b) fits in 70% of the memory available now."""
-        decision = [GATHER_MEMORY * clients * model_bytes <= 0.7 * _available_bytes()]
+        """Rank 0's answer for all: whether (b) fits in 80% of the memory available now."""
+        decision = [gather_bytes(world, clients, model_bytes) <= 0.8 * _available_bytes()]
         if world > 1:
             dist.broadcast_object_list(decision, src=0)
         return bool(decision[0])
@@ -304,7 +305,7 @@ def rank_main(spec: dict[str, Any]) -> None:
     phases: list[dict[str, Any]] = []
     for phase, clients in spec["phases"]:
         if phase == "gather" and not room_to_gather(clients):
-            phases.append({"skipped": f"needs ~{GATHER_MEMORY * clients * model_bytes / 2**30:.1f} GiB"})
+            phases.append({"skipped": f"needs ~{gather_bytes(world, clients, model_bytes) / 2**30:.1f} GiB"})
         else:
             phases.append({})
     measured = [(row, phase, c) for row, (phase, c) in zip(phases, spec["phases"], strict=True) if "skipped" not in row]
@@ -325,6 +326,17 @@ def rank_main(spec: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- launcher
+def gather_bytes(world: int, clients: int, model_bytes: int) -> float:
+    """Memory (b) needs on the machine, all ranks together: measured 4x C uploads per rank, 1.25x in one process.
+
+    Every rank receives every upload: the all-gather's output buffer, the unpickled copies and its own pickle.
+
+    >>> gather_bytes(4, 32, 10) / (4 * 32 * 10), gather_bytes(1, 32, 10) / (32 * 10)
+    (4.5, 1.5)
+    """
+    return (1.5 if world == 1 else 4.5 * world) * clients * model_bytes
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -348,7 +360,7 @@ def launch(world: int, spec: dict[str, Any], timeout: float) -> list[dict[str, A
             procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank)}, stdout=stdout, stderr=stderr))
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs):
-        failed = any(p.returncode not in (None, 0) for p in procs)  # the others would wait for it in a collective
+        failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]  # the others wait for it
         if failed or time.monotonic() > deadline:
             for p in procs:
                 if p.poll() is None:
@@ -356,7 +368,12 @@ def launch(world: int, spec: dict[str, Any], timeout: float) -> list[dict[str, A
                     p.wait()
             if not failed:
                 raise RuntimeError(f"{world} processes ran past --timeout {timeout:.0f} s; logs in {logs}")
-            break
+            first = failed[0]
+            code = procs[first].returncode
+            why = f"killed by signal {-code}{' (out of memory?)' if code == -9 else ''}" if code < 0 else f"exit {code}"
+            raise RuntimeError(
+                f"rank {first} of {world} failed first ({why}); logs in {logs}:\n{files[first][1].read_text()[-3000:]}"
+            )
         time.sleep(0.1)
     rows = []
     for rank, (proc, (out, err)) in enumerate(zip(procs, files, strict=True)):
@@ -502,7 +519,7 @@ def main() -> None:
                 f" {fmt(b['seconds'] / total if b else None, 13, 1)}"
             )
     for (world, c), why in sorted(skipped.items()):
-        print(f"(b) with {world} processes and {c} clients skipped: it {why}, more than 70% of the available memory")
+        print(f"(b) with {world} processes and {c} clients skipped: it {why}, more than 80% of the available memory")
     print()
     print("Peak resident memory per rank above the phase's start (MiB, largest rank), MiB sent per rank, and the")
     print("largest difference between final global models: (a) vs (b), and vs the 1-process (b)")
