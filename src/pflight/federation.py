@@ -876,11 +876,12 @@ class Federation(pl.LightningModule):
                 totals = torch.tensor([running.weight, float(running.count)], dtype=torch.float64, device=self.device)
                 torch.distributed.all_reduce(totals)
                 plain = float(totals[0]) == 0.0  # every count was 0: the uniform mean, as `update` falls back
-                sums = (running.plain or {}) if plain else running.total
-                dtype = torch.float64 if any(d == torch.float64 for _, _, d in entries) else torch.float32
-                flat = flatten_state(sums, entries, dtype, self.device)  # (total numel,)
+                flat = running.plain_flat if plain else running.flat  # the sums, one flat buffer (reduced in place)
+                if flat is None:  # no upload on this process
+                    dtype = torch.float64 if any(d == torch.float64 for _, _, d in entries) else torch.float32
+                    flat = flatten_state({}, entries, dtype, self.device)
                 torch.distributed.all_reduce(flat)
-                flat /= totals[1 if plain else 0].to(dtype)
+                flat /= totals[1 if plain else 0].to(flat.dtype)
                 mean = unflatten_state(flat, entries)
             self.server.apply_sum(mean, kind, round_idx)
         return reported

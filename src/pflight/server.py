@@ -216,10 +216,24 @@ class RunningSum:
         self.kinds = tuple(kinds)
         self.kind: str | None = None
         self.layout: Layout | None = None
-        self.total: dict[str, Tensor] = {}
+        self.total: dict[str, Tensor] = {}  # views of `flat`, entry by entry
         self.plain: dict[str, Tensor] | None = {}  # the unweighted sum, kept while every count so far is 0
+        self.flat: Tensor | None = None  # the weighted sum as one flat buffer (what processes all_reduce in place)
+        self.plain_flat: Tensor | None = None
         self.weight = 0.0
         self.count = 0
+
+    def _buffer(self, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+        """A zero flat buffer for the layout (float64 if an entry is, else float32) and its entries as views."""
+        assert self.layout is not None
+        dtype = torch.float64 if any(d == torch.float64 for _, _, d in self.layout) else torch.float32
+        flat = torch.zeros(sum(math.prod(shape) for _, shape, _ in self.layout), dtype=dtype, device=device)
+        views, offset = {}, 0
+        for name, shape, _ in self.layout:
+            size = math.prod(shape)
+            views[name] = flat[offset : offset + size].view(shape)
+            offset += size
+        return flat, views
 
     def add(self, message: Message) -> None:
         """Fold one upload in."""
@@ -230,20 +244,19 @@ class RunningSum:
             )
         if self.layout is None:
             self.kind, self.layout = message.kind, state_layout(message.tensors)
+            device = next(iter(message.tensors.values())).device
+            self.flat, self.total = self._buffer(device)
+            self.plain_flat, self.plain = self._buffer(device)
         c = float(message.n_samples) if self.weighted else 1.0
         for name, t in message.tensors.items():
-            value = t.detach().to(torch.promote_types(t.dtype, torch.float32))
             if c != 0:
-                if name in self.total:
-                    self.total[name].add_(value, alpha=c)
-                else:
-                    self.total[name] = value * c
+                self.total[name].add_(t.detach(), alpha=c)
             if self.plain is not None:
-                self.plain[name] = self.plain[name].add_(value) if name in self.plain else value.clone()
+                self.plain[name].add_(t.detach())
         self.weight += c
         self.count += 1
         if self.weight > 0:
-            self.plain = None
+            self.plain = self.plain_flat = None
 
     def mean(self) -> dict[str, Tensor]:
         """The (weighted) mean of the uploads folded in, each entry in its upload's dtype."""
@@ -368,8 +381,11 @@ class FedAvgServer(Server):
             return
         msgs = list(uploads.values())
         kind = self._kind(msgs)
-        w = aggregation_weights([m.n_samples for m in msgs], self.weighted)
-        mean = weighted_average([m.tensors for m in msgs], w)
+        if len(msgs) == 1:  # the mean of one upload is that upload (`apply_sum` gives the round's mean this way)
+            mean = dict(msgs[0].tensors)
+        else:
+            w = aggregation_weights([m.n_samples for m in msgs], self.weighted)
+            mean = weighted_average([m.tensors for m in msgs], w)
         self.apply(mean, kind)
 
     @property
