@@ -319,6 +319,10 @@ class FederatedDataModule(pl.LightningDataModule):
         self.fingerprint = ""
 
     # ------------------------------------------------------------------ building
+    def prepare_data(self) -> None:
+        """Called by the Trainer once per machine, before ``setup`` on every process: the source's downloads."""
+        self.source.prepare()
+
     def setup(self, stage: str | None = None) -> None:
         """Called by the Trainer on every process: build the clients once (deterministic)."""
         if self.clients:

@@ -36,6 +36,12 @@ class DataSource:
     natural: bool = False
     own_test_split: bool = False
 
+    def prepare(self) -> None:
+        """Called once per machine before any process loads (Lightning's ``prepare_data``): fetch what ``load`` reads.
+
+        A download belongs here, so that processes do not download at once. Nothing by default.
+        """
+
     def load(self) -> tuple[Tensor, Tensor]:
         """Called once: return all inputs ``(N, ...)`` as float32 and labels ``(N,)`` as int64.
 
@@ -94,12 +100,26 @@ class _Torchvision(DataSource):
         self.root = root if root is not None else os.environ.get("PFLIGHT_DATA_ROOT", "data")
         self.download = download
 
-    def _dataset(self, train: bool) -> object:
+    def prepare(self) -> None:
+        """With ``download=True``, download both splits here, once per machine (not from every process)."""
+        if self.download:
+            for train in (True, False):
+                self._dataset(train, download=True)
+
+    def _dataset(self, train: bool, download: bool | None = None) -> object:
+        """The split, read from ``root``; with ``download`` (default: the source's) fetched first if missing."""
         import torchvision
 
         cls = getattr(torchvision.datasets, self._cls_name)
+        if download is None:  # files that `prepare` (or an earlier run) put there are read without a download
+            try:
+                return cls(root=self.root, train=train, download=False)
+            except RuntimeError:
+                if not self.download:
+                    return self._dataset(train, download=False)  # the message below
+            download = self.download
         try:
-            return cls(root=self.root, train=train, download=self.download)
+            return cls(root=self.root, train=train, download=download)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
             where = Path(self.root).resolve()
             how = (
