@@ -286,64 +286,59 @@ class PartialSharing(ClientModule):
         return FineTune(epochs=self.new_client_epochs) if ctx.new_client else None
 
 
-class FedPer(PartialSharing):
+class HeadBodySharing(PartialSharing):
+    """Head and body by ``head_prefix``, trained jointly by local SGD on cross-entropy (:meth:`ClientModule.loss`).
+
+    The part named by :attr:`shared_part` is uploaded and averaged; the other stays on the client.
+
+    Args:
+        head_prefix: the module name(s) of the head in the network's state dict.
+    """
+
+    shared_part = "body"  # "body" (FedPer) or "head" (LG-FedAvg)
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        weighted: bool = True,
+        new_client_epochs: int = 5,
+        head_prefix: str | list[str] = "head",
+    ) -> None:
+        super().__init__(
+            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, new_client_epochs
+        )
+        self.head_prefix = head_prefix
+        self.head_names, self.body_names = head_and_body(type(self).__name__, net, head_prefix)
+        if self.shared_part == "body":
+            self.set_partition(shared=self.body_names, personal=self.head_names)
+        else:
+            self.set_partition(shared=self.head_names, personal=self.body_names)
+
+
+class FedPer(HeadBodySharing):
     """FedPer: the body (base layers) is shared and averaged, the head (personalization layers) stays on the client.
 
     Both are trained jointly by local SGD on cross-entropy (:meth:`ClientModule.loss`); only the body is uploaded.
-
-    Args:
-        head_prefix: the module name(s) of the personal head in the network's state dict.
+    Arguments as :class:`HeadBodySharing`.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        new_client_epochs: int = 5,
-        head_prefix: str | list[str] = "head",
-    ) -> None:
-        super().__init__(
-            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, new_client_epochs
-        )
-        self.head_prefix = head_prefix
-        self.head_names, self.body_names = head_and_body(type(self).__name__, net, head_prefix)
-        self.set_partition(shared=self.body_names, personal=self.head_names)
+    shared_part = "body"
 
 
-class LGFedAvg(PartialSharing):
+class LGFedAvg(HeadBodySharing):
     """LG-FedAvg: the body (local representation) stays on the client, the head (global model) is shared.
 
-    Both are trained jointly by local SGD on cross-entropy; only the head is uploaded and averaged.
-
-    Args:
-        head_prefix: the module name(s) of the shared (global) layers in the network's state dict.
+    Both are trained jointly by local SGD on cross-entropy; only the head is uploaded and averaged. Arguments as
+    :class:`HeadBodySharing` (``head_prefix``: the shared, global layers).
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        new_client_epochs: int = 5,
-        head_prefix: str | list[str] = "head",
-    ) -> None:
-        super().__init__(
-            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, new_client_epochs
-        )
-        self.head_prefix = head_prefix
-        self.head_names, self.body_names = head_and_body(type(self).__name__, net, head_prefix)
-        self.set_partition(shared=self.head_names, personal=self.body_names)
+    shared_part = "head"
 
 
 class FedRep(FedPer):
@@ -563,6 +558,7 @@ __all__ = [
     "FedBN",
     "FedPer",
     "FedRep",
+    "HeadBodySharing",
     "LGFedAvg",
     "PartialFedAvgServer",
     "PartialSharing",
