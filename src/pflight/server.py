@@ -217,7 +217,7 @@ class RunningSum:
         self.kind: str | None = None
         self.layout: Layout | None = None
         self.total: dict[str, Tensor] = {}  # views of `flat`, entry by entry
-        self.plain: dict[str, Tensor] | None = {}  # the unweighted sum, kept while every count so far is 0
+        self.plain: dict[str, Tensor] | None = None  # the unweighted sum, made only while every count so far is 0
         self.flat: Tensor | None = None  # the weighted sum as one flat buffer (what processes all_reduce in place)
         self.plain_flat: Tensor | None = None
         self.weight = 0.0
@@ -246,8 +246,9 @@ class RunningSum:
             self.kind, self.layout = message.kind, state_layout(message.tensors)
             device = next(iter(message.tensors.values())).device
             self.flat, self.total = self._buffer(device)
-            self.plain_flat, self.plain = self._buffer(device)
         c = float(message.n_samples) if self.weighted else 1.0
+        if c == 0 and self.weight == 0 and self.plain is None:  # perhaps the uniform fallback: a second sum
+            self.plain_flat, self.plain = self._buffer(self.flat.device)  # type: ignore[union-attr]
         for name, t in message.tensors.items():
             if c != 0:
                 self.total[name].add_(t.detach(), alpha=c)
