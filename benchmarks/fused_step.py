@@ -6,7 +6,7 @@
 One local SGD step of ``m`` clients at once on the speed benchmark's MLP (``--input``-128-128-10, batch 16):
 
     fused    pflight.fused_mlp.fused_sgd_step_: forward, backward and update with in-place batched matmuls
-    generic  vmap(functional_call) forward, autograd backward, pflight.vectorized.sgd_update_
+    generic  vmap(grad(loss)) over clients (the executor's generic step), pflight.vectorized.sgd_update_
 
 Each client's weights are its own, so a step's matmuls are ``m`` small products and the step is bound by how
 fast a chunk's weights stream through the caches: this table is what ``pflight.vectorized.CPU_CHUNK_BYTES``
@@ -21,10 +21,12 @@ import sys
 import time
 
 import torch
+from torch.func import functional_call, grad, vmap
 
+from pflight.client import Batch, cross_entropy
 from pflight.fused_mlp import fused_sgd_step_, mlp_layers
 from pflight.models import MLP
-from pflight.vectorized import batched_forward, masked_cross_entropy, sgd_update_
+from pflight.vectorized import sgd_update_
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speed import flops_per_sample  # noqa: E402  (the FLOP count of benchmarks/speed.py's compute floor)
@@ -52,14 +54,17 @@ def time_step(path: str, m: int, dims: list[int], seconds: float) -> float:
             fused_sgd_step_(layers, state, x, y, mask, count, 1e-4)
 
     else:
-        forward = batched_forward(net)
         names = list(state)
 
+        def one(params: dict, xs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return cross_entropy(functional_call(net, params, (xs,)), Batch(xs, ys, weight))
+
+        per_client_grad = vmap(grad(one))  # the executor's generic step: vmap(grad(loss)), then the update
+        weight = mask / count[:, None]
+
         def step() -> None:
-            leaves = {n: state[n].detach().requires_grad_(True) for n in names}
-            loss = masked_cross_entropy(forward(leaves, x), y, mask, count).sum()
-            grads = torch.autograd.grad(loss, [leaves[n] for n in names])
-            sgd_update_([state[n] for n in names], list(grads), None, lr=1e-4)
+            grads = per_client_grad(state, x, y, weight)
+            sgd_update_([state[n] for n in names], [grads[n] for n in names], None, lr=1e-4)
 
     for _ in range(3):
         step()

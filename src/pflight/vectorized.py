@@ -57,7 +57,15 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from pflight.client import Batch, ClientContext, ClientModule, cross_entropy, float_state, load_float_state
+from pflight.client import (
+    Batch,
+    ClientContext,
+    ClientModule,
+    cross_entropy,
+    float_state,
+    load_float_state,
+    state_tensors,
+)
 from pflight.data.datamodule import ClientData, FederatedDataModule
 from pflight.fused_mlp import fused_sgd_step_, mlp_layers, sgd_update_
 from pflight.messages import Message
@@ -98,22 +106,6 @@ def plan_batches(
                 return out
             out.append(chunk)
         passes += 1
-
-
-def masked_cross_entropy(logits: Tensor, y: Tensor, mask: Tensor, count: Tensor) -> Tensor:
-    """Each client's mean cross-entropy over its real samples: ``(C, B, classes) -> (C,)``.
-
-    ``mask`` is 1 for real samples and 0 for padding, ``count`` the real samples per client (>= 1).
-
-    >>> logits, y = torch.randn(2, 3, 4), torch.tensor([[0, 1, 2], [3, 0, 0]])
-    >>> mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    >>> out = masked_cross_entropy(logits, y, mask, mask.sum(1))
-    >>> torch.allclose(out, torch.stack([F.cross_entropy(logits[0], y[0]), F.cross_entropy(logits[1, :1], y[1, :1])]))
-    True
-    """
-    c, b = y.shape
-    ce = F.cross_entropy(logits.reshape(c * b, -1), y.reshape(-1), reduction="none").view(c, b)  # (C, B)
-    return (ce * mask).sum(1) / count
 
 
 def stack_states(
@@ -577,8 +569,8 @@ def train_clients(
     opt = _local_optimizer(federation)
     assert opt is not None
     opt.state.clear()
-    names = [n for n, v in client.net.state_dict().items() if v.is_floating_point()]
-    own = client.net.state_dict()
+    own = state_tensors(client.net)
+    names = [n for n, v in own.items() if v.is_floating_point()]
     contexts, starts, round_states, plans = [], [], [], []
     start_hook = type(client).on_local_train_start is not ClientModule.on_local_train_start  # else no RNG to seed
     end_hook = type(client).on_local_train_end is not ClientModule.on_local_train_end
@@ -901,7 +893,6 @@ __all__ = [
     "cpu_chunk",
     "eval_unsupported_reason",
     "evaluate_clients",
-    "masked_cross_entropy",
     "plan_batches",
     "sgd_update_",
     "stack_states",
