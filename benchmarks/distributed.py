@@ -6,7 +6,7 @@
 
 Each round, C clients (``--clients``) upload random float32 tensors shaped like the model's state (client k's drawn
 from a generator seeded by k, with ``n_samples`` a function of k, so the round is the same whatever the number of
-processes); client k lives on rank ``k % world`` as ``Federation.shard`` places it. Three ways to aggregate, each
+processes); client k lives on rank ``k % world`` as ``Federation.shard`` places it. Four ways to aggregate, each
 timed over ``--repeats`` rounds (a round's time is its slowest rank's; the median is printed):
 
     (a) reduction, what reducible servers (FedAvg and the other linear servers) do: each rank folds its uploads into
@@ -17,12 +17,17 @@ timed over ``--repeats`` rounds (a round's time is its slowest rank's; the media
         pflight's own methods, called on a stand-in object holding only what they read (``trainer.world_size``,
         ``server``, ``device``, ``_running``): no Trainer, no training.
     (b) gather, what non-reducible servers (FEDORA, pFedHN, FedMD) do: each rank keeps its uploads, then
-        ``Federation.gather_uploads`` (all_gather_object of every upload) and ``FedAvgServer.update`` on all of them.
+        ``Federation.gather_uploads`` (``pflight.collectives.gather_messages``: an all_gather_object of each upload's
+        names, shapes, count and metrics, then each upload's flat buffer per dtype broadcast from its rank) and
+        ``FedAvgServer.update`` on all of them ("xfer" times the gather alone).
     (c) the floor: one ``all_reduce`` of one model's flat float32 buffer.
+    (d) pickled, what ``gather_uploads`` did before ``gather_messages`` (``gather_pickled``): all_gather_object
+        of every upload, then the same ``update``; with several processes only.
 
 With one process nothing is communicated: (a) is the fold, then ``reduce_uploads``' mean and ``apply_sum``; (b) is
-``update`` on every upload; (c) does not apply. The final global models of (a) and (b), and of every process count,
-are compared (``|a-b|``, ``|vs 1 proc|``: largest absolute difference; float summation order only).
+``update`` on every upload; (c) and (d) do not apply. The final global models of (a), (b) and (d), and of every
+process count, are compared (``|a-b|``, ``|b-d|``, ``|vs 1 proc|``: largest absolute difference; float summation
+order only between (a) and (b); (b) and (d) get the same uploads, so ``|b-d|`` is 0).
 
 Peak memory is per rank: the high-water mark of resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``
 after ``gc.collect`` and ``malloc_trim``) minus the resident memory when the phase starts, when the server's global
@@ -32,13 +37,15 @@ before the timed ones, with glibc's mmap threshold fixed at 128 KiB from the pro
 go back to the system and resident memory is what is alive rather than what earlier phases left in the heap; the
 timed rounds then run with the threshold at 32 MiB, the ceiling glibc's default raises it to once large blocks have
 been freed. The first round of each kind in a process runs unmeasured (one-off allocations). ``--isolate`` runs
-every phase in fresh processes (each start imports Lightning: slower). (b) is skipped, and says so, where it would
-need more than 80% of the available memory (:func:`gather_bytes`: every rank receives every upload).
+every phase in fresh processes (each start imports Lightning: slower). (b) and (d) are skipped, and say so, where
+they would need more than 80% of the available memory (:func:`gather_bytes`: every rank receives every upload).
 
 Bytes sent per rank (each rank receives as many): gloo's all_reduce runs its ring algorithm (reduce-scatter, then
 all-gather), so ``2 (n-1)/n x buffer``; torch's ``all_gather_object`` pickles the object, all-gathers the n sizes
 (8 bytes each), then n buffers padded to the largest pickle, which gloo's ring all-gather sends ``(n-1) x``
-(8 + largest pickle). Pickle sizes are measured (the same pickler, written into a counter).
+(8 + largest pickle). Pickle sizes are measured (the same pickler, written into a counter). (b)'s broadcasts run
+gloo's binomial tree (:func:`binomial_broadcast_sends`): the root sends a buffer to ``log2ceil(n)`` peers at most
+and others forward it (``n-1`` copies sent in all per broadcast); the largest rank's total is printed.
 
 Targets: (a)'s reduce within 2x of (c); (a)'s peak memory per rank independent of the number of clients per round
 (its spread over ``--clients`` within half a model's size). Both are printed as met or MISS. Processes get
@@ -87,6 +94,39 @@ def all_gather_object_bytes(world: int, largest_pickle: int) -> int:
     (2016, 0)
     """
     return (world - 1) * (8 + largest_pickle)
+
+
+def binomial_broadcast_sends(world: int, root: int) -> list[int]:
+    """How many times each rank sends the buffer in gloo's binomial-tree broadcast from ``root`` (``gloo::broadcast``).
+
+    >>> binomial_broadcast_sends(4, 0), binomial_broadcast_sends(3, 2), binomial_broadcast_sends(1, 0)
+    ([2, 1, 0, 0], [0, 0, 2], [0])
+    """
+    dim = (world - 1).bit_length()  # log2ceil(world)
+    sends = [0] * world
+    for rank in range(world):
+        vrank, mask = (rank - root) % world, (1 << dim) - 1
+        for i in range(dim):
+            mask ^= 1 << i
+            if vrank & mask or (vrank ^ (1 << i)) >= world:
+                continue
+            if not vrank & (1 << i):
+                sends[rank] += 1
+    return sends
+
+
+def broadcast_bytes(shares: list[int]) -> list[int]:
+    """Bytes each rank sends when every rank ``r`` broadcasts its ``shares[r]`` bytes in turn (gloo's tree).
+
+    >>> broadcast_bytes([100, 10]), broadcast_bytes([5, 5, 5, 5])
+    ([100, 10], [15, 15, 15, 15])
+    """
+    world = len(shares)
+    sent = [0] * world
+    for root, size in enumerate(shares):
+        for rank, n in enumerate(binomial_broadcast_sends(world, root)):
+            sent[rank] += n * size
+    return sent
 
 
 class _Counter:
@@ -194,6 +234,7 @@ def rank_main(spec: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from pflight.client import float_state
+    from pflight.collectives import header
     from pflight.federation import Federation
     from pflight.messages import Message
     from pflight.server import FedAvgServer, FederationInfo, flatten_state, state_layout
@@ -224,9 +265,18 @@ def rank_main(spec: dict[str, Any]) -> None:
         if world > 1:
             dist.barrier()
 
-    def room_to_gather(clients: int) -> bool:
-        """Rank 0's answer for all: whether (b) fits in 80% of the memory available now."""
-        decision = [gather_bytes(world, clients, model_bytes) <= 0.8 * _available_bytes()]
+    def gather_pickled(fed: Any, uploads: dict[int, Message]) -> dict[int, Message]:
+        """(d): ``Federation.gather_uploads`` before ``pflight.collectives``, every upload pickled to every rank."""
+        gathered: list[dict[int, Message]] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, {k: m.to("cpu") for k, m in uploads.items()})
+        merged: dict[int, Message] = {}
+        for part in gathered:
+            merged.update({k: m.to(fed.device) for k, m in part.items()})
+        return dict(sorted(merged.items()))
+
+    def room_to_gather(clients: int, pickled: bool) -> bool:
+        """Rank 0's answer for all: whether (b) (or (d), ``pickled``) fits in 80% of the memory available now."""
+        decision = [gather_bytes(world, clients, model_bytes, pickled) <= 0.8 * _available_bytes()]
         if world > 1:
             dist.broadcast_object_list(decision, src=0)
         return bool(decision[0])
@@ -270,16 +320,18 @@ def rank_main(spec: dict[str, Any]) -> None:
         pickled = pickled_size((reported, ("weights", layout)))  # what reduce_uploads all-gathers
         return {"fold": folds, "seconds": reduces, "pickle": pickled, "peak_mib": mem.peak_mib, "peak_reset": mem.reset}
 
-    def gather(clients: int, repeats: int, name: str | None) -> dict[str, Any]:
+    def gather(clients: int, repeats: int, name: str | None, pickled: bool) -> dict[str, Any]:
         mine = [k for k in range(clients) if k % world == rank]
         fed = stand_in()
+        how = gather_pickled if pickled else Federation.gather_uploads
         with _Phase() as mem:
-            times = []
+            times, xfers = [], []
             for r in range(repeats):
                 kept = {k: Federation.collect_upload(fed, k, upload(k)) for k in mine}  # the whole messages
                 barrier()
                 start = time.perf_counter()
-                gathered = Federation.gather_uploads(fed, kept)
+                gathered = how(fed, kept)
+                xfers.append(time.perf_counter() - start)
                 with torch.autocast(cpu.type, enabled=False):  # as Federation._round
                     fed.server.update(gathered, r)
                 times.append(time.perf_counter() - start)
@@ -288,8 +340,13 @@ def rank_main(spec: dict[str, Any]) -> None:
                     del kept
         if name is not None and rank == 0:
             torch.save(flatten_state(fed.server.global_state, layout, torch.float32, cpu), Path(spec["out"]) / name)
-        pickled = pickled_size({k: m.to("cpu") for k, m in kept.items()})  # what gather_uploads all-gathers
-        return {"seconds": times, "pickle": pickled, "peak_mib": mem.peak_mib, "peak_reset": mem.reset}
+        if pickled:  # what the old gather_uploads all-gathers
+            size = pickled_size({k: m.to("cpu") for k, m in kept.items()})
+        else:  # what gather_messages all-gathers; the tensors are broadcast
+            size = pickled_size([header(k, m) for k, m in kept.items()])
+        share = sum(m.num_bytes() for m in kept.values())  # this rank's uploads' bytes
+        out = {"seconds": times, "xfer": xfers, "pickle": size, "share": share}
+        return {**out, "peak_mib": mem.peak_mib, "peak_reset": mem.reset}
 
     def run(phase: str, clients: int, repeats: int, timed: bool) -> dict[str, Any]:
         name = f"{phase}_w{world}_c{clients}.pt" if timed else None
@@ -297,15 +354,16 @@ def rank_main(spec: dict[str, Any]) -> None:
             return floor(repeats)
         if phase == "reduce":
             return reduction(clients, repeats, name)
-        return gather(clients, repeats, name)
+        return gather(clients, repeats, name, pickled=phase == "pickled")
 
     if world > 1:  # connections and buffers of both collectives set up before anything is measured
         dist.all_gather_object([None] * world, {"warm": list(range(100))})
         dist.all_reduce(flatten_state(initial, layout, torch.float32, cpu))
     phases: list[dict[str, Any]] = []
     for phase, clients in spec["phases"]:
-        if phase == "gather" and not room_to_gather(clients):
-            phases.append({"skipped": f"needs ~{gather_bytes(world, clients, model_bytes) / 2**30:.1f} GiB"})
+        if phase in ("gather", "pickled") and not room_to_gather(clients, phase == "pickled"):
+            need = gather_bytes(world, clients, model_bytes, phase == "pickled")
+            phases.append({"skipped": f"needs ~{need / 2**30:.1f} GiB"})
         else:
             phases.append({})
     measured = [(row, phase, c) for row, (phase, c) in zip(phases, spec["phases"], strict=True) if "skipped" not in row]
@@ -326,15 +384,18 @@ def rank_main(spec: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- launcher
-def gather_bytes(world: int, clients: int, model_bytes: int) -> float:
-    """Memory (b) needs on the machine, all ranks together: measured 4x C uploads per rank, 1.25x in one process.
+def gather_bytes(world: int, clients: int, model_bytes: int, pickled: bool = False) -> float:
+    """Memory (b) (or (d), ``pickled``) needs on the machine, all ranks together, from measurements with margin.
 
-    Every rank receives every upload: the all-gather's output buffer, the unpickled copies and its own pickle.
+    Every rank receives every upload (C of them) and ``update`` stacks them: (d) adds the all-gather's output buffer
+    and its own pickle (measured ~4x C uploads per rank); (b) one rank's buffer (~2x); one process ~1.25x.
 
-    >>> gather_bytes(4, 32, 10) / (4 * 32 * 10), gather_bytes(1, 32, 10) / (32 * 10)
-    (4.5, 1.5)
+    >>> gather_bytes(4, 32, 10, pickled=True) / (4 * 32 * 10), gather_bytes(4, 32, 10) / (4 * 32 * 10)
+    (4.5, 2.5)
+    >>> gather_bytes(1, 32, 10) / (32 * 10)
+    1.5
     """
-    return (1.5 if world == 1 else 4.5 * world) * clients * model_bytes
+    return (1.5 if world == 1 else (4.5 if pickled else 2.5) * world) * clients * model_bytes
 
 
 def _free_port() -> int:
@@ -449,13 +510,13 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="pflight_distributed_"))
     isolate = args.isolate or not _reset_peak()  # without a resettable peak, a phase's peak needs its own process
     results: dict[tuple[str, int, int], dict[str, Any]] = {}
-    skipped: dict[tuple[int, int], str] = {}  # (processes, clients) -> why (b) did not run
+    skipped: dict[tuple[str, int, int], str] = {}  # (phase, processes, clients) -> why (b) or (d) did not run
     wall = time.perf_counter()
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     for world in worlds:
         phases: list[tuple[str, int]] = [("floor", 0)] if world > 1 else []
         for c in sorted(clients):
-            phases += [("reduce", c), ("gather", c)]
+            phases += [("reduce", c), ("gather", c)] + ([("pickled", c)] if world > 1 else [])
         spec = {"model": model, "repeats": repeats, "seed": args.seed, "out": str(out)}
         spec.update(threads=args.threads or max(1, cpus // world), timeout=args.timeout)
         for group in [[p] for p in phases] if isolate else [phases]:
@@ -463,11 +524,13 @@ def main() -> None:
             for i, (phase, c) in enumerate(group):
                 per_rank = [r["phases"][i] for r in rows]
                 if "skipped" in per_rank[0]:
-                    skipped[(world, c)] = per_rank[0]["skipped"]
+                    skipped[(phase, world, c)] = per_rank[0]["skipped"]
                     continue
                 results[(phase, world, c)] = {
                     "seconds": _slowest(per_rank, "seconds"),
                     "fold": _slowest(per_rank, "fold") if phase == "reduce" else None,
+                    "xfer": _slowest(per_rank, "xfer") if phase in ("gather", "pickled") else None,
+                    "shares": [r.get("share", 0) for r in per_rank],
                     "peak": max(r["peak_mib"] for r in per_rank),
                     "mmap_fixed": all(r["mmap_fixed"] for r in per_rank),
                     "pickle": max(r.get("pickle", 0) for r in per_rank),
@@ -518,8 +581,9 @@ def main() -> None:
                 f" {fmt(a['seconds'] / floor if floor else None, 10, 2)} |"
                 f" {fmt(b['seconds'] / total if b else None, 13, 1)}"
             )
-    for (world, c), why in sorted(skipped.items()):
-        print(f"(b) with {world} processes and {c} clients skipped: it {why}, more than 80% of the available memory")
+    for (phase, world, c), why in sorted(skipped.items()):
+        which = "(d)" if phase == "pickled" else "(b)"
+        print(f"{which} with {world} processes and {c} clients skipped: it {why}, over 80% of the available memory")
     print()
     print("Peak resident memory per rank above the phase's start (MiB, largest rank), MiB sent per rank, and the")
     print("largest difference between final global models: (a) vs (b), and vs the 1-process (b)")
@@ -536,7 +600,7 @@ def main() -> None:
             b = results.get(("gather", world, c))
             flat_bytes = numel * 4
             a_sent = all_gather_object_bytes(world, a["pickle"]) + ring_all_reduce_bytes(world, 16 + flat_bytes)
-            b_sent = all_gather_object_bytes(world, b["pickle"]) if b else None
+            b_sent = flat_gather_bytes(world, b) if b else None
             vs_one = [diff(f"{p}_w{world}_c{c}", f"gather_w1_c{c}") for p in ("reduce", "gather")] if world > 1 else []
             vs_one = [d for d in vs_one if d is not None]
             print(
@@ -546,6 +610,28 @@ def main() -> None:
                 f" {fmt(a_sent / 2**20, 8, 1)} | {fmt(b_sent / 2**20 if b else None, 9, 1)} |"
                 f" {_sci(diff(f'reduce_w{world}_c{c}', f'gather_w{world}_c{c}'), 8)} |"
                 f" {_sci(max(vs_one) if vs_one else None, 11)}"
+            )
+    print()
+    print("Non-reducible servers, every upload to every rank: (b) flat tensors (gather_messages) vs (d) pickled")
+    print("all_gather_object (before): seconds of the gather alone (xfer) and with update, peak resident MiB per rank")
+    print("(largest rank), MiB sent per rank (largest rank), largest difference between the final global models")
+    head = (
+        f"{'procs':>5} | {'clients':>7} | {'(d) xfer':>8} | {'(b) xfer':>8} | {'(d)/(b)':>7} | {'(d) +upd':>8} |"
+        f" {'(b) +upd':>8} | {'(d) peak':>8} | {'(b) peak':>8} | {'(d) sent':>8} | {'(b) sent':>8} | {'|b-d|':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for world in [w for w in worlds if w > 1]:
+        for c in sorted(clients):
+            b, d = results.get(("gather", world, c)), results.get(("pickled", world, c))
+            d_sent = all_gather_object_bytes(world, d["pickle"]) / 2**20 if d else None
+            print(
+                f"{world:>5} | {c:>7} | {fmt(d['xfer'] if d else 'skipped', 8)} |"
+                f" {fmt(b['xfer'] if b else 'skipped', 8)} | {fmt(d['xfer'] / b['xfer'] if b and d else None, 7, 1)} |"
+                f" {fmt(d['seconds'] if d else None, 8)} | {fmt(b['seconds'] if b else None, 8)} |"
+                f" {fmt(d['peak'] if d else None, 8, 0)} | {fmt(b['peak'] if b else None, 8, 0)} |"
+                f" {fmt(d_sent, 8, 1)} | {fmt(flat_gather_bytes(world, b) / 2**20 if b else None, 8, 1)} |"
+                f" {_sci(diff(f'gather_w{world}_c{c}', f'pickled_w{world}_c{c}'), 7)}"
             )
     print()
     print("Targets")
@@ -571,6 +657,11 @@ def main() -> None:
     for path in sorted(out.iterdir()):
         path.unlink()
     out.rmdir()
+
+
+def flat_gather_bytes(world: int, result: dict[str, Any]) -> int:
+    """Bytes the largest rank sends in (b): the headers' ``all_gather_object``, then every rank's broadcasts."""
+    return all_gather_object_bytes(world, result["pickle"]) + max(broadcast_bytes(result["shares"]))
 
 
 def _sci(value: float | None, width: int) -> str:

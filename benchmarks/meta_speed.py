@@ -146,7 +146,7 @@ def step_times(makers: dict[str, Callable[[nn.Module], ClientModule]], args: arg
             else batch
         )
         client.train()
-        client.on_local_train_start()
+        client.on_local_train_start(client.context)
         step_batch = next(iter(client.step_batches(client.context, iter([paced]))))  # MAML: its (support, query)
         runs[name] = (client, opt, step_batch)
     clock = time.perf_counter if device.type == "cuda" else time.thread_time

@@ -26,8 +26,8 @@ class LoggingFedAvg(FedAvg):
         self.log_dict({"step_idx": float(batch_idx)}, reduce_fx="sum")
         return {"loss": F.cross_entropy(self(x), y), "twice": torch.tensor(2.0 * k)}
 
-    def personalize(self):
-        self.log("personalized", 10.0 + self.context.client_id)
+    def personalize(self, ctx):
+        self.log("personalized", 10.0 + ctx.client_id)
 
 
 def test_logged_values_reach_the_round_metrics(tmp_path):

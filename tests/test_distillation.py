@@ -66,7 +66,7 @@ def _client_on(client: LocalAdaptation, client_id: int = 0) -> tuple[dict[str, t
         public=dm.public,
     )
     global_state = _global_state(client.net, data.train[0])
-    client.receive(Message("weights", {k: v.clone() for k, v in global_state.items()}))
+    client.receive(Message("weights", {k: v.clone() for k, v in global_state.items()}), client.context)
     return global_state, dm
 
 
@@ -137,7 +137,7 @@ def test_kd_teacher_is_frozen_global_model_in_eval_mode() -> None:
     reference = _bn_net()
     reference.load_state_dict(global_state, strict=False)
     reference.eval()
-    client.personalize()
+    client.personalize(client.context)
     for name, value in global_state.items():
         torch.testing.assert_close(client._anchor[name], value, rtol=0, atol=0, msg=f"teacher {name} changed")
     torch.testing.assert_close(client.teacher_logits(x), reference(x).detach())
@@ -176,7 +176,7 @@ def test_adaptation_reads_only_the_train_split(variant: str) -> None:
         return split(name)
 
     data.split = spy  # type: ignore[method-assign]
-    client.personalize()
+    client.personalize(client.context)
     assert seen
     assert set(seen) == {"train"}
 
@@ -186,7 +186,7 @@ def test_freeze_base_trains_only_the_last_layer() -> None:
     client = FreezeBaseAdaptation(_bn_net(), adapt_epochs=3, adapt_lr=0.1)
     global_state, _ = _client_on(client)
     assert client.frozen == len(list(client.net.parameters())) - 2
-    client.personalize()
+    client.personalize(client.context)
     student = float_state(client.net)
     for name, value in global_state.items():
         if name.startswith("head."):
@@ -211,7 +211,7 @@ def test_ewc_fisher_matches_batch_gradient_oracle() -> None:
         F.cross_entropy(net(x), y).backward()
         for n, p in net.named_parameters():
             expected[n] += p.grad**2 * len(y) / len(y_all)
-    client.personalize()
+    client.personalize(client.context)
     for name, value in expected.items():
         torch.testing.assert_close(client.fisher[name], value, rtol=1e-4, atol=1e-10)
 
@@ -223,7 +223,7 @@ def test_ewc_stays_closer_to_the_global_model_than_fine_tuning() -> None:
         torch.manual_seed(0)
         client = cls(MLP(hidden=[32]), adapt_epochs=10, adapt_lr=0.01, **kwargs)
         _client_on(client, client_id=1)
-        client.personalize()
+        client.personalize(client.context)
         if name == "ewc":
             fisher = client.fisher
         distances[name] = {n: (p.detach() - client._anchor[n]) ** 2 for n, p in client.net.named_parameters()}
@@ -236,7 +236,7 @@ def test_ewc_warns_when_the_penalty_makes_sgd_diverge() -> None:
     client = EWCAdaptation(MLP(hidden=[16]), adapt_epochs=1, adapt_lr=1.0, ewc_lambda=1e6)
     _client_on(client)
     with pytest.warns(UserWarning, match="lower `ewc_lambda`"):
-        client.personalize()
+        client.personalize(client.context)
 
 
 def test_kd_adaptation_beats_the_global_model_under_label_skew() -> None:

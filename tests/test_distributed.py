@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pflight.store import read_checkpoint_states
+
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
@@ -42,7 +44,9 @@ def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[
     with open(next(cwd.glob("version_*/metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     last = [r for r in rows if r.get("val/personalized_acc")][-1]
-    ckpt = torch.load(next(cwd.glob("version_*/checkpoints/last.ckpt")), weights_only=False)["pflight"]
+    path = next(cwd.glob("version_*/checkpoints/last.ckpt"))
+    ckpt = torch.load(path, weights_only=False)["pflight"]
+    ckpt["store"] = {"states": read_checkpoint_states(path)}  # sharded with several processes
     return last, ckpt
 
 

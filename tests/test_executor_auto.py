@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from pflight import Federation
-from pflight.algorithms import FedAvg, FedAvgFT, Fedora
+from pflight.algorithms import FedAvg, FedAvgFT
+from pflight.algorithms.maml import MetaSGD
 from pflight.data import FederatedDataModule
 from pflight.models import CNN, MLP
 from tests.conftest import run_federation
@@ -72,11 +73,12 @@ def test_what_the_vectorized_executor_cannot_serve_runs_sequential():
 
 
 def test_train_and_eval_choose_separately():
-    """FEDORA trains vectorized (its step is `loss`) but personalizes by its own code: evaluated client by client."""
-    fed = run_federation(Fedora(MLP(hidden=[16]), lr=0.05), data(), rounds=1)
-    assert fed.executor_for("train") == "vectorized"
-    assert fed.executor_for("eval") == "sequential"
-    assert fed.last_eval_executor == "sequential"
+    """Meta-SGD trains client by client (its learned alpha is outside the network) but personalizes by a plan (alpha
+    as per-parameter learning rates): evaluated vectorized."""
+    fed = run_federation(MetaSGD(MLP(hidden=[16])), data(), rounds=1)
+    assert fed.executor_for("train") == "sequential"
+    assert fed.executor_for("eval") == "vectorized"
+    assert fed.last_eval_executor == "vectorized"
 
 
 def test_bad_executor_named():

@@ -144,7 +144,7 @@ def test_digest_fits_the_consensus() -> None:
     client = _client(digest_epochs=10, digest_lr=1e-2)
     client.capture_initial_state()
     client.context = ClientContext(0, 0, dm.client_data(0), 16, torch.Generator().manual_seed(0), public=dm.public)
-    client.load_client_state(None)
+    client.load_client_state(None, client.context)
     index = torch.arange(0, len(dm.public[1]), 3)
     consensus = 5.0 * F.one_hot(dm.public[1][index], 10).float() - 1.0  # a confident, learnable target
 
@@ -153,7 +153,7 @@ def test_digest_fits_the_consensus() -> None:
             return float(F.l1_loss(client.scores(dm.public[0][index]), consensus))
 
     before = gap()
-    client.digest(index, consensus)
+    client.digest(client.context, index, consensus)
     assert gap() < 0.5 * before
 
 
@@ -199,11 +199,11 @@ def test_two_digests_equal_one_adam_or_a_fresh_adam_each(persistent: bool) -> No
     for r, (index, consensus) in enumerate(targets, start=1):
         client.context = ClientContext(k, r, dm.client_data(k), 16, torch.Generator().manual_seed(r), public=dm.public)
         client.round_state = {}
-        client.load_client_state(store.get(k))
+        client.load_client_state(store.get(k), client.context)
         if start is None:
             start = copy.deepcopy(client.nets[client.active])
-        client.digest(index, consensus)
-        store.put(k, client.client_state())
+        client.digest(client.context, index, consensus)
+        store.put(k, client.client_state(client.context))
     assert start is not None
     expected = _adam_digests(start, x_pub, targets, persistent)
     other = _adam_digests(start, x_pub, targets, not persistent)

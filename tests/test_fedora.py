@@ -37,6 +37,7 @@ from pflight.data.datasets import Digits
 from pflight.data.partitioners import rotate_images
 from pflight.messages import Message
 from pflight.models import MLP
+from pflight.streams import Stream
 from tests.conftest import make_trainer, run_federation
 
 
@@ -158,9 +159,9 @@ def _scaled_identity(c: float) -> dict[str, torch.Tensor]:
 def test_client_lambda_from_constructed_validation_losses(c_personal: float, c_received: float) -> None:
     """The client's lambda_k follows the rule on validation losses known in closed form (eval mode, mean CE)."""
     client = _linear_client(lambda_divisor=3.0)
-    client.receive(Message("weights", _scaled_identity(c_received)))
-    client.load_client_state({"weights": _scaled_identity(c_personal)})
-    client.on_local_train_start()
+    client.receive(Message("weights", _scaled_identity(c_received)), client.context)
+    client.load_client_state({"weights": _scaled_identity(c_personal)}, client.context)
+    client.on_local_train_start(client.context)
     l_k, l_hat = (math.log(1 + 2 * math.exp(-c)) for c in (c_personal, c_received))
     assert client.val_losses == pytest.approx((l_k, l_hat), rel=1e-6)
     expected = 0.0 if c_personal > c_received else math.exp((l_k - l_hat) / 3.0)
@@ -172,8 +173,8 @@ def test_pull_equals_lr_lambda_times_previous_minus_received() -> None:
     client = _linear_client(lr=0.1)
     g = torch.Generator().manual_seed(2)
     received = {k: v + torch.randn(v.shape, generator=g) for k, v in float_state(client.net).items()}
-    client.receive(Message("weights", received))
-    client.load_client_state(None)
+    client.receive(Message("weights", received), client.context)
+    client.load_client_state(None, client.context)
     client.lam = 1.7
     opt = client.configure_optimizers()
     oracle_net = copy.deepcopy(client.net)
@@ -194,6 +195,37 @@ def test_pull_equals_lr_lambda_times_previous_minus_received() -> None:
                 p -= 0.1 * 1.7 * (previous[name] - received[name])
     for name, value in float_state(oracle_net).items():
         torch.testing.assert_close(float_state(client.net)[name], value)
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["labeled-fine-tunes", "unlabeled-keeps-theta-hat"])
+def test_new_client_personalization_is_sgd_with_the_pull_from_theta_hat_new(labels: bool) -> None:
+    """A new client's personalized model (a FineTune plan: the client's loss, SGD with momentum and weight decay, the
+    pull as post-step correction) is, bit for bit, plain-PyTorch SGD from theta_hat_new over its train split's
+    evaluation batches, each step followed by theta -= lr * 1 * (theta_prev - theta_hat_new) (lambda = exp(0));
+    without labels it is theta_hat_new itself."""
+    torch.manual_seed(0)
+    client = Fedora(MLP(hidden=[16]), lr=0.05, local_epochs=1, new_client_epochs=2, new_client_labels=labels)
+    data = _rotated(6, new_client_fraction=0.34)
+    fed = run_federation(client, data, 2, federation_kwargs={"executor": "sequential"}, limit_val_batches=0)
+    k = data.new_clients[0]
+    theta_hat = fed.server.message_for(k).tensors
+    oracle = copy.deepcopy(client.net)
+    load_float_state(oracle, theta_hat)
+    if labels:
+        opt = torch.optim.SGD(oracle.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5)
+        for x, y in fed.context(k, 1, "val", Stream.EVAL).batches("train", epochs=2):
+            previous = float_state(oracle)
+            opt.zero_grad()
+            F.cross_entropy(oracle(x), y).backward()
+            opt.step()
+            with torch.no_grad():
+                for name, p in oracle.state_dict(keep_vars=True).items():
+                    p -= 0.05 * 1.0 * (previous[name] - theta_hat[name])
+    fed.personalize_client(k, 1, "val")
+    expected = float_state(oracle)
+    assert labels != all(torch.equal(expected[n], t) for n, t in theta_hat.items()), "labeled clients fine-tune"
+    for name, value in float_state(client.net).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
 
 
 def _rotated(num_clients: int, seed: int = 0, **kwargs: Any) -> FederatedDataModule:

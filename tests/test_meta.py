@@ -23,6 +23,7 @@ from pflight.data import FederatedDataModule, PathologicalPartitioner
 from pflight.data.datamodule import ClientData
 from pflight.messages import Message
 from pflight.models import MLP
+from pflight.streams import Stream
 from tests.conftest import make_trainer, run_federation
 
 SHAPE = [1, 4, 4]  # small inputs keep exact Hessians cheap
@@ -125,9 +126,9 @@ def test_maml_meta_gradient_equals_closed_form_and_differs_from_first_order(inne
         client = attach(
             MAML(small_mlp(), inner_lr=alpha, inner_steps=inner_steps, first_order=first_order, support_fraction=0.4)
         )
-        client.on_local_train_start()
+        client.on_local_train_start(client.context)
         grads[first_order] = flat(step_gradient(client, meta_step(client), executor).values())
-    (xs, ys), (xq, yq) = client.support_query()
+    (xs, ys), (xq, yq) = client.support_query(client.context)
     names, params = zip(*client.net.named_parameters(), strict=True)
     loss = flat_loss(client.net, names, [p.shape for p in params])
     theta = flat(params).detach()
@@ -149,11 +150,11 @@ def test_meta_sgd_alpha_gradient_is_minus_support_times_query_gradient():
         for a in client.alphas:
             a.uniform_(0.05, 0.5)
     opt = client.configure_optimizers()
-    client.on_local_train_start()
+    client.on_local_train_start(client.context)
     client.training_step(meta_step(client), 0).backward()
     client.local_optimizer_step(opt)
-    upload = client.upload()
-    (xs, ys), (xq, yq) = client.support_query()
+    upload = client.upload(client.context)
+    (xs, ys), (xq, yq) = client.support_query(client.context)
     params = dict(client.net.named_parameters())
     g_s = gradient(F.cross_entropy(functional_call(client.net, params, (xs,)), ys), params)
     adapted = {n: p.detach() - client.inner_lrs()[n].detach() * g_s[n] for n, p in params.items()}
@@ -163,6 +164,32 @@ def test_meta_sgd_alpha_gradient_is_minus_support_times_query_gradient():
         expected = -g_s[name] * g_q[name]
         torch.testing.assert_close(upload.tensors[META_SGD_PREFIX + name], expected, atol=1e-12, rtol=1e-9)
         assert not torch.allclose(upload.tensors[name], expected)
+
+
+@pytest.mark.parametrize("steps", [1, 3], ids=["1-inner-step", "3-inner-steps"])
+def test_meta_sgd_personalization_is_inner_steps_of_the_learned_alpha(steps):
+    """Meta-SGD's evaluation (a FineTune plan with alpha as per-parameter learning rates) is Meta-SGD's inner step
+    theta <- theta - alpha * grad l_S(theta), ``eval_inner_steps`` times on the support batch drawn as training
+    draws it, from the received theta and alpha: plain autograd, bit for bit."""
+    torch.manual_seed(0)
+    client = MetaSGD(MLP(hidden=[16]), inner_lr=0.05, meta_lr=0.01, local_steps=2, eval_inner_steps=steps)
+    data = FederatedDataModule("digits", num_clients=4, batch_size=16, seed=0)
+    fed = run_federation(client, data, 2, federation_kwargs={"executor": "sequential"}, limit_val_batches=0)
+    k = data.train_clients[1]
+    message = fed.server.message_for(k).tensors
+    alpha = {n[len(META_SGD_PREFIX) :]: a for n, a in message.items() if n.startswith(META_SGD_PREFIX)}
+    assert not all(torch.equal(a, torch.full_like(a, 0.05)) for a in alpha.values()), "the server trained alpha"
+    (xs, ys), _ = client.meta_batches(fed.context(k, 1, "val", Stream.EVAL))  # the old `personalize`'s draw
+    theta = {n: message[n] for n in alpha}
+    for _ in range(steps):
+        leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+        grads = torch.autograd.grad(
+            F.cross_entropy(functional_call(client.net, leaves, (xs,)), ys), list(leaves.values())
+        )
+        theta = {n: t.detach() - alpha[n] * g for (n, t), g in zip(leaves.items(), grads, strict=True)}
+    fed.personalize_client(k, 1, "val")
+    for name, p in client.net.named_parameters():
+        torch.testing.assert_close(p.detach(), theta[name], rtol=0, atol=0)
 
 
 def test_fedmeta_server_adam_steps_the_mean_gradient_and_averages_buffers():
@@ -291,7 +318,7 @@ def test_batchnorm_stats_untouched_by_inner_perturbed_and_query_passes(make):
     client.train()
     before = {n: b.clone() for n, b in client.net.named_buffers()}
     batches = random_batches(client.batches_per_step, dtype=torch.float32)
-    client.on_local_train_start()
+    client.on_local_train_start(client.context)
     out = client.training_step(batches if isinstance(client, PerFedAvg) else meta_step(client), 0)
     (out["loss"] if isinstance(out, dict) else out).backward()
     after = dict(client.net.named_buffers())

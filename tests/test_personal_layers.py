@@ -22,7 +22,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from pflight import Federation
 from pflight.algorithms.personal_layers import FedBABU, FedBN, FedPer, FedRep, LGFedAvg, PartialFedAvgServer
-from pflight.client import ClientModule
+from pflight.client import ClientContext, ClientModule
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.messages import Message
 from pflight.models import CNN, MLP
@@ -73,8 +73,8 @@ def fit(
     uploaded: list[dict[str, Tensor]] = []
     upload = client.upload
 
-    def recording() -> Message | None:
-        message = upload()
+    def recording(ctx: ClientContext) -> Message | None:
+        message = upload(ctx)
         if message is not None:
             uploaded.append({n: t.clone() for n, t in message.tensors.items()})
         return message

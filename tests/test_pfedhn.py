@@ -168,7 +168,7 @@ def _first_heads(data: FederatedDataModule, torch_seed: int, private_init: str =
     for k in data.train_clients:
         client.context = ClientContext(k, 0, data.client_data(k), 16, torch.Generator(), seed=data.seed)
         rng = torch.get_rng_state()
-        client.load_client_state(None)
+        client.load_client_state(None, client.context)
         assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is left as it was
         heads.append({n: t.detach().clone() for n, t in client.net.head.state_dict().items()})
     return heads

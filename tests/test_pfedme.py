@@ -11,10 +11,11 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
 from pflight.algorithms.pfedme import PFedMe, PFedMeServer, moreau_inner_solve
-from pflight.client import Batch
+from pflight.client import Batch, ClientContext
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.messages import Message
 from pflight.models import CNN, MLP
+from pflight.streams import Stream
 from tests.conftest import run_federation
 
 
@@ -102,12 +103,11 @@ class _Recording(PFedMe):
 
     sent: dict[int, dict[str, Tensor]]
 
-    def upload(self) -> Message | None:
-        message = super().upload()
+    def upload(self, ctx: ClientContext) -> Message | None:
+        message = super().upload(ctx)
         assert message is not None
-        assert self.context is not None
         self.sent = getattr(self, "sent", {})
-        self.sent[self.context.client_id] = {n: t.clone() for n, t in message.tensors.items()}
+        self.sent[ctx.client_id] = {n: t.clone() for n, t in message.tensors.items()}
         return message
 
 
@@ -146,6 +146,31 @@ def test_one_round_matches_plain_pytorch_algorithm_1(warm_start: bool) -> None:
         theta = _reference_theta(w1, theta, *clients[1], HP["lam"], HP["personal_lr"], HP["k"])
     for name, p in fed.client.net.named_parameters():
         torch.testing.assert_close(p.detach(), theta[name])
+
+
+@pytest.mark.parametrize("eval_batches", [None, 4], ids=["a-rounds-batches", "4-batches"])
+def test_personalization_plan_is_the_inner_solve_over_minibatches(eval_batches: int | None) -> None:
+    """The evaluation's FineTune plan (SGD of personal_lr with weight decay on f + (lam/2)||theta - w||^2, K steps a
+    batch) is moreau_inner_solve from w anchored at w, theta carried over the evaluation minibatches: the former
+    ``personalize`` run on the same batches, to float32 rounding (rtol 1e-6, atol 1e-7: SGD's fused update)."""
+    torch.manual_seed(0)
+    client = PFedMe(
+        MLP(hidden=[16]), lr=0.05, lam=5.0, personal_lr=0.1, personal_steps=3, personal_weight_decay=0.01,
+        local_steps=3, eval_batches=eval_batches,
+    )  # fmt: skip
+    data = FederatedDataModule("digits", num_clients=4, batch_size=16, seed=0)
+    fed = run_federation(client, data, 1, federation_kwargs={"executor": "sequential"}, limit_val_batches=0)
+    k = data.train_clients[2]
+    w = {n: t.clone() for n, t in fed.server.global_state.items()}
+    theta = None
+    batches = fed.context(k, 0, "val", Stream.EVAL).batches("train", steps=eval_batches or 3)
+    for x, y in batches:
+        theta = client.personal_model(w, Batch(x, y), theta, functional=False)
+    fed.personalize_client(k, 0, "val")
+    assert theta is not None
+    assert not torch.allclose(theta["head.weight"], w["head.weight"])
+    for name, p in client.net.named_parameters():
+        torch.testing.assert_close(p.detach(), theta[name], rtol=1e-6, atol=1e-7)
 
 
 def test_loss_gradient_is_lambda_times_w_minus_theta() -> None:

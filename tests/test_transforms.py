@@ -57,23 +57,23 @@ class Spy(FedAvg):
         super().__init__(net, **kwargs)
         self.seen: dict[tuple[str, int, int], list[Tensor]] = {}
 
-    def _record(self, what: str, x: Tensor) -> None:
-        assert self.context is not None
-        key = (what, self.context.round_idx, self.context.client_id)
+    def _record(self, what: str, ctx: ClientContext, x: Tensor) -> None:
+        key = (what, ctx.round_idx, ctx.client_id)
         self.seen.setdefault(key, []).append(x.detach().clone())
 
     def loss(self, params: Any, batch: Any, state: Any) -> Tensor:
-        self._record("train", batch.x)
+        assert self.context is not None  # a local step: the client the executor serves
+        self._record("train", self.context, batch.x)
         return super().loss(params, batch, state)
 
-    def personalize(self) -> None:
-        assert self.context is not None
-        self._record("personalize", next(self.context.batches("train", shuffle=False))[0])
+    def personalize(self, ctx: ClientContext) -> None:
+        self._record("personalize", ctx, next(ctx.batches("train", shuffle=False))[0])
 
-    def evaluate(self, split: str) -> tuple[int, int, float]:
-        assert self.context is not None
-        self._record("evaluate", self.context.data.split(split)[0][:])
-        return super().evaluate(split)
+    def evaluate(self, split: str, ctx: ClientContext | None = None) -> tuple[int, int, float]:
+        ctx = ctx if ctx is not None else self.context
+        assert ctx is not None
+        self._record("evaluate", ctx, ctx.data.split(split)[0][:])
+        return super().evaluate(split, ctx)
 
 
 def net() -> torch.nn.Module:
@@ -181,7 +181,7 @@ def test_augmented_runs_repeat_across_runs_and_executors() -> None:
 def test_augmentation_does_not_depend_on_the_other_clients(monkeypatch: pytest.MonkeyPatch) -> None:
     """A process that trains only the odd clients (as one of two would) augments them as a single process does."""
     whole = run()
-    monkeypatch.setattr(Federation, "shard", lambda self, ids: [k for k in ids if k % 2 == 1])
+    monkeypatch.setattr(Federation, "assign_clients", lambda self, ids, work: ([k for k in ids if k % 2 == 1], {}))
     odd = run()
     keys = [k for k in whole.seen if k[0] == "train" and k[2] % 2 == 1]
     assert {k for k in odd.seen if k[0] == "train"} == set(keys)

@@ -16,9 +16,11 @@ from typing_extensions import override
 
 from pflight import Federation
 from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
+from pflight.algorithms.fedora import Fedora
 from pflight.algorithms.maml import MAML, MetaSGD
+from pflight.algorithms.pfedme import PFedMe
 from pflight.algorithms.reptile import Reptile
-from pflight.client import ClientContext, ClientModule, FineTune
+from pflight.client import ClientContext, ClientModule, FineTune, float_state
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.models import MLP
 from tests.conftest import run_federation
@@ -164,23 +166,84 @@ def test_maml_personalizes_vectorized(eval_inner_steps: int) -> None:
     assert none.last_evaluation["personalized"] != seq.last_evaluation["personalized"]  # the steps adapt
 
 
-def test_metasgd_falls_back_to_sequential_evaluation() -> None:
-    """Meta-SGD's per-parameter inner steps are its own ``personalize``: client by client, the reason warned once."""
-    make = lambda n: MetaSGD(n, inner_steps=1, local_steps=2)  # noqa: E731
-    seq = run(make, "sequential")
-    with pytest.warns(UserWarning, match="evaluates client by client: `MetaSGD.personalize` is its own code"):
-        vec = run(make, "vectorized")
-    assert vec.last_eval_executor == "sequential"
-    assert vec._eval_fallback_reason is not None
-    assert_same_evaluation(seq, vec)
+# Plans beyond plain SGD on cross-entropy: per-parameter learning rates (Meta-SGD), the client's own objective with a
+# post-step correction, momentum and weight decay (FEDORA's new clients), K steps a batch of an objective of the plan's
+# own with weight decay (pFedMe's inner solve).
+PLANNED: dict[str, Callable[[nn.Module], ClientModule]] = {
+    "metasgd": lambda n: MetaSGD(n, inner_steps=1, local_steps=2, eval_inner_steps=3),
+    "fedora-new-clients": lambda n: Fedora(n, lr=0.05, local_epochs=1, new_client_epochs=2),
+    "pfedme": lambda n: PFedMe(n, lr=0.05, lam=5.0, personal_lr=0.1, personal_steps=2, local_steps=3),
+    "pfedme-weight-decay": lambda n: PFedMe(
+        n, lr=0.05, lam=5.0, personal_lr=0.1, personal_steps=3, personal_weight_decay=0.01, eval_batches=4
+    ),
+}
+WEIGHT_TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def vectorized_personalization(
+    fed: Federation, ids: list[int], round_idx: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[int, Any], dict[int, dict[str, torch.Tensor]]]:
+    """``vectorized.evaluate_clients``' personalized counts, and each client's personalized weights (read from the
+    stacked weights its batched forward evaluates)."""
+    from pflight import vectorized
+
+    stacked: list[dict[str, torch.Tensor]] = []
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    real_forward, real_count = vectorized.batched_forward, vectorized._count
+
+    def forward(net: nn.Module) -> Callable:
+        run = real_forward(net)
+        return lambda state, x: (stacked.append(state), run(state, x))[1]
+
+    def count(federation: Federation, client_ids: list[int], split: str, fwd: Callable) -> Any:
+        stacked.clear()
+        out = real_count(federation, client_ids, split, fwd)
+        for c, k in enumerate(client_ids if stacked else []):
+            weights[k] = {n: v[c].clone() for n, v in stacked[0].items()}
+        return out
+
+    monkeypatch.setattr(vectorized, "batched_forward", forward)
+    monkeypatch.setattr(vectorized, "_count", count)
+    personal, _ = vectorized.evaluate_clients(fed, ids, round_idx, "val")
+    return personal, weights
+
+
+@pytest.mark.parametrize("name", list(PLANNED))
+def test_planned_personalization_vectorized_equals_sequential(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Meta-SGD, FEDORA's new clients and pFedMe personalize through a plan: on one trained federation the vectorized
+    executor gives every client (seen and new) the sequential executor's personalized weights (``WEIGHT_TOL``) and
+    correct counts (equal; losses within ``LOSS_TOL``), and the federation's vectorized evaluation uses it."""
+    fed = run_federation(PLANNED[name](small_net()), eval_data(), 2, limit_val_batches=0)
+    round_idx = fed.current_epoch - 1
+    ids = [*fed.data.train_clients, *fed.data.new_clients]
+    seq_counts, seq_weights = {}, {}
+    for k in ids:
+        ctx = fed.personalize_client(k, round_idx, "val")
+        seq_weights[k] = float_state(fed.client.net)
+        seq_counts[k] = fed.client.evaluate("val", ctx)
+    vec_counts, vec_weights = vectorized_personalization(fed, ids, round_idx, monkeypatch)
+    assert sorted(vec_weights) == sorted(ids)
+    moved = 0
+    for k in ids:
+        correct, total, loss = seq_counts[k]
+        assert vec_counts[k][:2] == (correct, total), k
+        assert vec_counts[k][2] == pytest.approx(loss, **LOSS_TOL), k
+        for n, value in seq_weights[k].items():
+            torch.testing.assert_close(vec_weights[k][n], value, **WEIGHT_TOL)
+        start = fed.server.message_for(k)
+        moved += not torch.equal(seq_weights[k]["head.weight"], start.tensors["head.weight"]) if start else 0
+    assert moved >= len(fed.data.new_clients), "the plans fine-tune"
+    fed.executor = "vectorized"
+    fed._evaluate(ids, round_idx, "val")
+    assert fed.last_eval_executor == "vectorized"
 
 
 class LoggingFedAvgFT(FedAvgFT):
     """FedAvgFT whose ``personalize`` logs: its own code, so evaluated client by client."""
 
     @override
-    def personalize(self) -> None:
-        super().personalize()
+    def personalize(self, ctx: ClientContext) -> None:
+        super().personalize(ctx)
         self.log("personalized", 1.0)
 
 

@@ -1,16 +1,17 @@
 """The client base class: a LightningModule whose ``training_step`` is a federated algorithm.
 
 One client module serves every simulated client in turn: before client ``k`` trains or is
-evaluated, the federation sets :attr:`ClientModule.context`, hands it the server's message
-(:meth:`~ClientModule.receive`) and its persistent state (:meth:`~ClientModule.load_client_state`).
-After training it stores :meth:`~ClientModule.client_state` and sends :meth:`~ClientModule.upload`.
-Hooks do nothing (or the FedAvg thing) until overridden.
+evaluated, the executor hands it the server's message (:meth:`~ClientModule.receive`) and its
+persistent state (:meth:`~ClientModule.load_client_state`). After training it stores
+:meth:`~ClientModule.client_state` and sends :meth:`~ClientModule.upload`. Every hook receives the
+:class:`ClientContext` of the client it serves as its ``ctx`` argument. Hooks do nothing (or the
+FedAvg thing) until overridden.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import lightning.pytorch as pl
@@ -198,24 +199,104 @@ class ClientContext:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+Objective = Callable[[Mapping[str, Tensor], Any, Mapping[str, Any]], Any]  # (params, batch, state) -> loss or dict
+PostStep = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Mapping[str, Any]], Mapping[str, Tensor]]
+
+
 @dataclass(frozen=True)
 class FineTune:
-    """A personalization that is plain SGD on cross-entropy over the train split (:meth:`ClientModule.fine_tune`).
+    """A personalization described as data: SGD steps over the train split (:meth:`ClientModule.fine_tune`).
 
-    Described as data, an executor can run it for many clients at once (the vectorized executor stacks them).
+    By default plain SGD on the batch's cross-entropy; a plan may name its own objective (``loss``, e.g. the client's
+    :meth:`~ClientModule.loss` with the state it needs), a post-step correction, per-parameter learning rates,
+    momentum and weight decay. Described as data, every executor runs it: the sequential one client by client, the
+    vectorized one for many clients at once (their weights, ``state`` and learning rates stacked).
 
     Attributes:
-        steps: SGD steps (batches); 0 with ``epochs`` 0 is no fine-tuning.
+        steps: batches; 0 with ``epochs`` 0 is no fine-tuning.
         epochs: passes over the train split (used when ``steps`` is 0).
-        lr: the learning rate (None: the client's ``lr``).
+        lr: the learning rate (None: the client's ``lr``), or a tensor per trainable parameter by name, applied
+            elementwise, ``p <- p - lr[name] * d`` (Meta-SGD's learned alpha).
         batch: the train split's sample indices of one batch that every one of the ``steps`` steps takes (MAML's
             support batch); None: minibatches of the train split from the evaluation stream.
+        repeat: SGD steps on each batch (pFedMe's K inner steps per minibatch).
+        momentum: SGD momentum (the buffer lives for the whole fine-tuning).
+        weight_decay: SGD weight decay.
+        loss: the objective, a pure function ``(params, batch, state) -> loss`` (or a dict with ``loss``, and under
+            ``state`` new values of ``state`` entries for the next step) as :meth:`ClientModule.loss`: the same
+            function for every client (a method of the client), so that the vectorized executor can ``vmap`` it.
+            None: the batch's cross-entropy, plus the proximal term when ``proximal_mu`` > 0.
+        proximal_mu: with ``loss`` None, the objective adds ``(mu/2)||theta - state["anchor"]||^2`` (pFedMe's inner
+            problem; the vectorized executor's fused MLP step computes it too).
+        after_step: a pure correction ``(params, before, state) -> params`` after each step, as
+            :meth:`ClientModule.after_local_step` (FEDORA's pull); None: none.
+        state: the ``state`` argument of ``loss`` and ``after_step`` (tensors, or dicts of tensors: the vectorized
+            executor stacks them per client).
     """
 
     steps: int = 0
     epochs: int = 0
-    lr: float | None = None
+    lr: float | Mapping[str, Tensor] | None = None
     batch: Tensor | None = None
+    repeat: int = 1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    loss: Objective | None = None
+    proximal_mu: float = 0.0
+    after_step: PostStep | None = None
+    state: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Refuse what no SGD run means."""
+        if self.repeat < 1:
+            raise ValueError(f"`FineTune(repeat={self.repeat})` must be >= 1 (SGD steps on each batch).")
+        if self.steps < 0 or self.epochs < 0:
+            raise ValueError(f"`FineTune(steps={self.steps}, epochs={self.epochs})` must be >= 0.")
+
+    def elementwise(self) -> bool:
+        """Whether the learning rate is a tensor per parameter."""
+        return isinstance(self.lr, Mapping)
+
+
+@torch.no_grad()
+def elementwise_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lrs: Sequence[Tensor],
+    buffers: Sequence[Tensor] | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    first_step: bool = False,
+) -> None:
+    """``torch.optim.SGD``'s step with a learning-rate tensor per parameter, in place: ``p <- p - lr * d``.
+
+    ``d`` is the gradient plus ``weight_decay * p``, through the momentum buffer when ``momentum`` is not 0 (the
+    buffer starts as ``d`` on ``first_step``). With a scalar learning rate it is SGD's update:
+
+    >>> p, ref = torch.tensor([1.0, 2.0]), torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    >>> opt, buf = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=0.01), torch.zeros(2)
+    >>> for step in range(3):
+    ...     ref.grad = torch.tensor([0.5, -1.0]) * (step + 1)
+    ...     opt.step()
+    ...     elementwise_sgd_([p], [ref.grad], [torch.tensor(0.1)], [buf], 0.9, 0.01, first_step=step == 0)
+    >>> torch.allclose(p, ref.detach())
+    True
+    >>> q = torch.tensor([1.0, 1.0])
+    >>> elementwise_sgd_([q], [torch.tensor([2.0, 4.0])], [torch.tensor([0.5, 0.25])])
+    >>> q.tolist()
+    [0.0, 0.0]
+    """
+    for i, (p, g, lr) in enumerate(zip(params, grads, lrs, strict=True)):
+        d = g if weight_decay == 0 else g + weight_decay * p
+        if momentum != 0:
+            if buffers is None:
+                raise ValueError("`elementwise_sgd_(momentum=...)` needs momentum `buffers`.")
+            if first_step:
+                buffers[i].copy_(d)
+            else:
+                buffers[i].mul_(momentum).add_(d)
+            d = buffers[i]
+        p.sub_(lr * d)
 
 
 _REDUCTIONS = {"mean", "sum", "max", "min"}
@@ -273,12 +354,13 @@ class ClientModule(pl.LightningModule):
     it: ``sequential`` (one client after another, through Lightning's backward, optimizer and precision) and
     ``vectorized`` (a round's clients stacked, the same functions under ``torch.func.vmap``). Per client::
 
-        round_state = {}; receive(server message); load_client_state(store[k]); on_local_train_start()
-        for batch_idx, batch in local batches (local_epochs passes, or local_steps batches):
+        ctx = client k's ClientContext; round_state = {}
+        receive(server message, ctx); load_client_state(store[k], ctx); on_local_train_start(ctx)
+        for batch_idx, batch in step_batches(ctx, local batches (local_epochs passes, or local_steps batches)):
             loss = training_step(batch, batch_idx)   # = loss(params(), batch, round_state) unless overridden
             backward; local optimizer step           # Lightning's manual_backward and optimizer (sequential)
             params <- after_local_step(params, params before the step, round_state)   # when overridden
-        on_local_train_end(); store[k] = client_state(); upload()
+        on_local_train_end(ctx); store[k] = client_state(ctx); upload(ctx)
 
     The pieces the vectorized executor vmaps are pure functions of their arguments:
     :meth:`loss` ``(params, batch, state)`` (the local objective of one client on one batch) and
@@ -288,8 +370,12 @@ class ClientModule(pl.LightningModule):
     ``upload``, with the network holding that client's weights. A class that overrides ``training_step``,
     ``local_optimizer_step`` or ``on_local_step_end`` runs sequentially (:meth:`vectorized_reason` says why).
 
-    Evaluation: ``receive``, ``load_client_state``, :meth:`personalize` (train split only), then
-    :meth:`evaluate` on the val or test split.
+    Evaluation: ``receive``, ``load_client_state``, :meth:`personalize` (train split only: by default the
+    :class:`FineTune` plan of :meth:`personalization_plan`, which every executor runs), then :meth:`evaluate` on
+    the val or test split.
+
+    Hooks receive the served client's :class:`ClientContext` as ``ctx``; :attr:`context` is the same object, kept
+    for Lightning's own hooks (``training_step``) and for :meth:`log`, which attributes a value to the client.
 
     Args:
         net: the target network.
@@ -307,6 +393,7 @@ class ClientModule(pl.LightningModule):
             (0: none). FedProx sets it; the vectorized executor's fused MLP kernel computes it too.
         eval_metrics: the federation's configured metrics (``Federation(metrics=...)``) while it evaluates, else
             None; :meth:`evaluate` feeds them each block's logits and labels.
+        context: the client being served (set by the executors; hooks get it as their ``ctx`` argument).
     """
 
     proximal_mu: float = 0.0
@@ -404,16 +491,16 @@ class ClientModule(pl.LightningModule):
         )
 
     # ------------------------------------------------------------------ round hooks
-    def receive(self, message: Message | None) -> None:
-        """Called before local training or evaluation with the server's message (None: nothing)."""
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
+        """Called before local training or evaluation of client ``ctx`` with the server's message (None: nothing)."""
         if message is not None and message.kind == "weights":
             load_float_state(self.net, message.tensors)
 
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
-        """Called after :meth:`receive` with the client's persistent state (None the first time)."""
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
+        """Called after :meth:`receive` with client ``ctx``'s persistent state (None the first time; new clients)."""
 
-    def on_local_train_start(self) -> None:
-        """Called when a client's local training starts (after receive and load_client_state)."""
+    def on_local_train_start(self, ctx: ClientContext) -> None:
+        """Called when client ``ctx``'s local training starts (after receive and load_client_state)."""
 
     def step_batches(self, ctx: ClientContext, batches: Iterator[Any]) -> Iterator[Any]:
         """What each local step receives, given the federation's local batches of client ``ctx.client_id``.
@@ -498,37 +585,36 @@ class ClientModule(pl.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def on_local_step_end(self) -> None:
-        """Called after each local optimizer step."""
+    def on_local_step_end(self, ctx: ClientContext) -> None:
+        """Called after each local optimizer step of client ``ctx``."""
 
-    def on_local_train_end(self) -> None:
-        """Called when a client's local training ends, before client_state and upload."""
+    def on_local_train_end(self, ctx: ClientContext) -> None:
+        """Called when client ``ctx``'s local training ends, before client_state and upload."""
 
-    def client_state(self) -> dict[str, Any] | None:
-        """Called after local training: what this client keeps between rounds (None: nothing)."""
+    def client_state(self, ctx: ClientContext) -> dict[str, Any] | None:
+        """Called after local training: what client ``ctx`` keeps between rounds (None: nothing)."""
         return None
 
-    def upload(self) -> Message | None:
-        """Called after local training: the message to the server (None: nothing)."""
-        assert self.context is not None
-        return Message("weights", float_state(self.net), n_samples=self.context.data.num_samples("train"))
+    def upload(self, ctx: ClientContext) -> Message | None:
+        """Called after local training: client ``ctx``'s message to the server (None: nothing)."""
+        return Message("weights", float_state(self.net), n_samples=ctx.data.num_samples("train"))
 
     # ------------------------------------------------------------------ evaluation
     def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
         """Called by :meth:`personalize` for client ``ctx.client_id``: its personalization as data (None: none).
 
-        Override this rather than :meth:`personalize` when personalizing is plain SGD fine-tuning on
-        cross-entropy: ``executor='vectorized'`` then personalizes and evaluates many clients at once. A
-        client that overrides :meth:`personalize` is personalized one client at a time.
+        Override this rather than :meth:`personalize` when personalizing is SGD steps on the train split (the
+        objective, learning rates and corrections a :class:`FineTune` can state): every executor then runs it, the
+        vectorized one for many clients at once. A client that overrides :meth:`personalize` is personalized one
+        client at a time.
         """
         return None
 
-    def personalize(self) -> None:
-        """Called at evaluation before :meth:`evaluate`: adapt on the train split only (runs the plan by default)."""
-        assert self.context is not None
-        plan = self.personalization_plan(self.context)
+    def personalize(self, ctx: ClientContext) -> None:
+        """Called at evaluation before :meth:`evaluate`: adapt to client ``ctx``'s train split only (runs the plan)."""
+        plan = self.personalization_plan(ctx)
         if plan is not None:
-            self.fine_tune(plan.steps, plan.epochs, plan.lr, plan.batch)
+            self.fine_tune(plan, ctx)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -536,21 +622,23 @@ class ClientModule(pl.LightningModule):
         return self.net(x)
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> tuple[int, int, float]:
-        """Correct predictions, sample count and summed CE loss on the client's ``split``.
+    def evaluate(self, split: str, ctx: ClientContext | None = None) -> tuple[int, int, float]:
+        """Correct predictions, sample count and summed CE loss on client ``ctx``'s ``split``.
 
-        Each block's logits and labels also go to :attr:`eval_metrics` when the federation has metrics configured
-        (an override that calls ``super().evaluate`` keeps them).
+        ``ctx`` None is the client being served (:attr:`context`). Each block's logits and labels also go to
+        :attr:`eval_metrics` when the federation has metrics configured (an override that calls
+        ``super().evaluate`` keeps them).
         """
-        assert self.context is not None
+        ctx = ctx if ctx is not None else self.context
+        if ctx is None:
+            raise RuntimeError(f"`{type(self).__name__}.evaluate({split!r})` needs the client's context: pass `ctx`.")
         was_training = self.training
         self.eval()
         correct, total, loss = 0, 0, 0.0
-        data = self.context.data
-        x_all, y_all = data.split(split)
+        x_all, y_all = ctx.data.split(split)
         for start in range(0, len(y_all), 1024):
-            x = x_all[start : start + 1024].to(self.context.device, non_blocking=True)
-            y = y_all[start : start + 1024].to(self.context.device, non_blocking=True)
+            x = x_all[start : start + 1024].to(ctx.device, non_blocking=True)
+            y = y_all[start : start + 1024].to(ctx.device, non_blocking=True)
             logits = self(x).float()
             if self.eval_metrics is not None:
                 self.eval_metrics.update(logits, y)
@@ -560,27 +648,69 @@ class ClientModule(pl.LightningModule):
         self.train(was_training)
         return correct, total, loss
 
-    def fine_tune(self, steps: int = 0, epochs: int = 0, lr: float | None = None, batch: Tensor | None = None) -> None:
-        """SGD on the train split (``steps`` batches, or ``epochs`` passes) in float32, train mode.
+    def fine_tune(self, plan: FineTune, ctx: ClientContext) -> None:
+        """Run ``plan`` on client ``ctx``'s train split: SGD in float32 (autocast off), the network in train mode.
 
-        With ``batch`` (sample indices of the train split) every one of the ``steps`` steps is on that one batch.
-        Autocast is switched off: under mixed precision the adaptation still runs in float32.
+        Each batch (``plan.steps`` of them, or ``plan.epochs`` passes; ``plan.batch`` every step when given) takes
+        ``plan.repeat`` steps of ``plan.loss`` (the batch's cross-entropy by default), each followed by
+        ``plan.after_step``; the update is ``torch.optim.SGD``'s, or with per-parameter learning rates
+        :func:`elementwise_sgd_`.
         """
-        assert self.context is not None
-        if steps <= 0 and epochs <= 0:
+        if plan.steps <= 0 and plan.epochs <= 0:
             return
-        if batch is not None:
-            x_all, y_all = self.context.data.split("train")
-            fixed = (x_all[batch].to(self.context.device), y_all[batch].to(self.context.device))
-            batches: Iterable[tuple[Tensor, Tensor]] = [fixed] * max(steps, 0)
+        if plan.batch is not None:
+            x_all, y_all = ctx.data.split("train")
+            fixed = (x_all[plan.batch].to(ctx.device), y_all[plan.batch].to(ctx.device))
+            batches: Iterable[tuple[Tensor, Tensor]] = [fixed] * plan.steps
         else:
-            batches = self.context.batches("train", epochs=max(epochs, 1), steps=steps if steps > 0 else None)
-        opt = torch.optim.SGD(self.net.parameters(), lr=lr if lr is not None else self.lr)
-        was_training = self.training
+            batches = ctx.batches("train", epochs=max(plan.epochs, 1), steps=plan.steps if plan.steps > 0 else None)
+        lr = plan.lr if plan.lr is not None else self.lr
+        named = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        opt = None
+        if isinstance(lr, Mapping):
+            missing = [n for n, _ in named if n not in lr]
+            if missing:
+                raise ValueError(
+                    f"`FineTune(lr=...)` has no learning rate for the trainable parameters {missing}: give a tensor"
+                    " for every one (or a float for all)."
+                )
+            lrs = [lr[n].to(p) for n, p in named]
+            buffers = [torch.zeros_like(p) for _, p in named] if plan.momentum != 0 else None
+        else:
+            opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+        state = dict(plan.state)
+        was_training = self.net.training
         self.net.train()
-        with torch.enable_grad(), torch.autocast(self.context.device.type, enabled=False):
+        step = 0
+        with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=False):
             for x, y in batches:
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(self.net(x).float(), y).backward()
-                opt.step()
+                for _ in range(plan.repeat):
+                    before = float_state(self.net) if plan.after_step is not None else None
+                    for _, p in named:
+                        p.grad = None
+                    if plan.loss is None:
+                        loss = F.cross_entropy(self.net(x).float(), y)
+                        if plan.proximal_mu > 0 and "anchor" in state:
+                            loss = loss + proximal_term(self.params(), state["anchor"], plan.proximal_mu).float()
+                    else:
+                        out = plan.loss(self.params(), Batch(x, y), state)
+                        if isinstance(out, dict):
+                            state.update(out.get("state") or {})
+                            out = out["loss"]
+                        loss = out.float()
+                    loss.backward()
+                    if opt is not None:
+                        opt.step()
+                    else:
+                        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in named]
+                        elementwise_sgd_(
+                            [p for _, p in named], grads, lrs, buffers, plan.momentum, plan.weight_decay, step == 0
+                        )
+                    if before is not None:
+                        with torch.no_grad():
+                            params = {n: t.detach() for n, t in self.params().items()}
+                            load_float_state(self.net, plan.after_step(params, before, state))
+                    step += 1
+        for _, p in named:
+            p.grad = None
         self.net.train(was_training)

@@ -17,6 +17,7 @@ from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
 from pflight.client import ClientContext, ClientLogs, ClientModule, float_state, load_float_state, reduce_over_clients
+from pflight.collectives import gather_messages
 from pflight.data.datamodule import FederatedDataModule
 from pflight.messages import Message
 from pflight.metrics import (
@@ -27,9 +28,10 @@ from pflight.metrics import (
     perplexity,
     personalized_summary,
 )
+from pflight.placement import balanced_assignment, imbalance, rank_loads
 from pflight.prediction import PredictionTable, predict_clients
 from pflight.server import FederationInfo, RunningSum, Server, flatten_state, unflatten_state
-from pflight.store import ClientStateStore
+from pflight.store import SHARD_KEY, ClientStateStore, checkpoint_shards, shard_name
 from pflight.streams import Stream, stream_seed
 
 try:
@@ -224,11 +226,12 @@ class Federation(pl.LightningModule):
         training_step(ids of the clients that may train):
             sampled = sample(ids, round)                       # seeded by (seed, round)
             for k in sampled:
-                client.receive(server.message_for(k)); client.load_client_state(store[k])
+                ctx = context(k, round)                        # the client's data, generator, device, stage
+                client.receive(server.message_for(k), ctx); client.load_client_state(store[k], ctx)
                 for batch in k's local batches:                # seeded by (seed, round, k)
                     loss = client.training_step(batch)        # the algorithm
-                    manual_backward(loss); client.local_optimizer_step(opt); client.on_local_step_end()
-                store[k] = client.client_state(); uploads[k] = client.upload()
+                    manual_backward(loss); client.local_optimizer_step(opt); client.on_local_step_end(ctx)
+                store[k] = client.client_state(ctx); uploads[k] = client.upload(ctx)
             server.update(uploads)                             # several processes, linear server:
                                                                #   all_reduce of per-process sums instead
         validation_step(all client ids):                       # every `eval_every` rounds
@@ -362,6 +365,8 @@ class Federation(pl.LightningModule):
         self._plain_backward: bool | None = None
         self.history: list[dict[str, Any]] = []
         self.rounds_completed = 0
+        self._holders: dict[int, int] = {}  # client -> rank holding its state (several processes; see `holder_of`)
+        self._holders_world = 1  # the number of processes `_holders` is for
         self._diverged_warned = False
         self.last_evaluation: dict[str, dict[int, float]] = {}
         self.last_round_metrics: dict[int, dict[str, float]] = {}
@@ -403,7 +408,7 @@ class Federation(pl.LightningModule):
             network=self.client.net,
             train_clients=tuple(dm.train_clients),
             new_clients=tuple(dm.new_clients),
-            num_samples={k: dm.client_data(k).num_samples("train") for k in (*dm.train_clients, *dm.new_clients)},
+            num_samples={k: dm.num_samples(k, "train") for k in (*dm.train_clients, *dm.new_clients)},  # no copies
             num_classes=dm.num_classes,
             seed=dm.seed,
             public=dm.public,
@@ -473,13 +478,86 @@ class Federation(pl.LightningModule):
         return sorted(candidates[int(i)] for i in pick)
 
     def shard(self, client_ids: list[int]) -> list[int]:
-        """This process's share of ``client_ids``: client k lives on rank ``k % world_size``.
+        """This process's share of ``client_ids`` for evaluation and prediction: the clients whose state it holds.
 
-        The assignment does not depend on the round, so a client's persistent state stays on one
-        process; a single process takes every client.
+        A client is held by the rank that last trained it (:meth:`holder_of`), ``k % world_size`` before that;
+        a single process takes every client. Training spreads each round's clients by their work instead
+        (:meth:`assign_clients`).
         """
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        return [k for k in client_ids if k % world == rank] if world > 1 else list(client_ids)
+        return [k for k in client_ids if self.holder_of(k) == rank] if world > 1 else list(client_ids)
+
+    def holder_of(self, client_id: int) -> int:
+        """The rank that holds client ``client_id``'s persistent state (if it has any): the same on every rank.
+
+        The rank that last trained it in this run, or that a resume with the same number of processes restored;
+        ``client_id % world_size`` for a client not trained since the processes started (a resume with another
+        number of processes reads each client's state on that rank).
+        """
+        world = self.trainer.world_size
+        if world == 1:
+            return 0
+        return self._holders.get(client_id, client_id % world) if self._holders_world == world else client_id % world
+
+    def client_work(self, client_id: int, work: float = 1.0) -> float:
+        """The local steps client ``client_id`` takes in a round (a straggler with ``work`` < 1: its share of them).
+
+        What :meth:`assign_clients` balances; read from the data's sizes without materializing the client.
+        """
+        steps = self._steps_for(self.data.num_samples(client_id, "train"), self.data.batch_size)
+        return float(steps if work >= 1.0 else max(1, math.ceil(steps * work)))
+
+    def assign_clients(self, client_ids: list[int], work: dict[int, float]) -> tuple[list[int], dict[str, float]]:
+        """This process's clients of a round, and what the placement did (logged): the round's states move first.
+
+        With several processes the clients are spread by :meth:`client_work` (longest first, each onto the rank
+        holding its state while that rank stays within the mean work, else onto the least loaded rank:
+        :func:`~pflight.placement.balanced_assignment`, the same on every rank, ties by client id). The states of
+        the clients placed elsewhere then move point to point from the rank holding them to the rank training
+        them (:meth:`move_states`), which holds them from then on. A single process takes every client.
+        """
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if world == 1:
+            return list(client_ids), {}
+        loads = {k: self.client_work(k, work.get(k, 1.0)) for k in client_ids}
+        assignment = balanced_assignment(loads, world, {k: self.holder_of(k) for k in client_ids})
+        moved = self.move_states(assignment)
+        if self._holders_world != world:
+            self._holders, self._holders_world = {}, world
+        self._holders.update(assignment)
+        stats = {"train/work_imbalance": imbalance(rank_loads(assignment, loads, world)), "train/states_moved": moved}
+        return [k for k in client_ids if assignment[k] == rank], stats
+
+    def move_states(self, assignment: dict[int, int]) -> float:
+        """Send each client's stored state from the rank holding it to ``assignment[client]``; the number moved.
+
+        Which clients have a state is known only where it is held: the ranks all-gather the ids of the states
+        that must leave them (small), then each pair of ranks exchanges its states point to point (one
+        ``send_object_list`` per pair, pairs in the same order on every rank, so no two ranks wait on each other).
+        The sender forgets what it sent.
+        """
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        leaving = sorted(k for k, r in assignment.items() if self.holder_of(k) != r)
+        if not leaving:  # every rank knows it: none enters the collective
+            return 0.0
+        parts: list[Any] = [None] * world
+        mine = [k for k in leaving if self.holder_of(k) == rank and k in self.store]
+        torch.distributed.all_gather_object(parts, mine)
+        routes: dict[tuple[int, int], list[int]] = {}
+        for src, ids in enumerate(parts):
+            for k in ids:
+                routes.setdefault((src, assignment[k]), []).append(k)
+        for (src, dst), ids in sorted(routes.items()):
+            if src == rank:
+                torch.distributed.send_object_list([{k: self.store.get(k) for k in ids}], dst=dst)
+                for k in ids:
+                    self.store.put(k, None)
+            elif dst == rank:
+                box: list[Any] = [None]
+                torch.distributed.recv_object_list(box, src=src)
+                for k, state in box[0].items():
+                    self.store.put(k, state)
+        return float(sum(len(ids) for ids in parts))
 
     def context(self, client_id: int, round_idx: int, stage: str, purpose: int) -> ClientContext:
         """The context the client module serves ``client_id`` in."""
@@ -525,10 +603,14 @@ class Federation(pl.LightningModule):
 
     def _planned_steps(self, ctx: ClientContext) -> int:
         """Local optimizer steps client ``ctx.client_id`` takes in a full round."""
+        return self._steps_for(ctx.data.num_samples("train"), ctx.batch_size)
+
+    def _steps_for(self, num_train: int, batch_size: int) -> int:
+        """Local optimizer steps of a full round for a client with ``num_train`` training samples."""
         client = self.client
         if client.local_steps is not None:
             return client.local_steps
-        per_epoch = math.ceil(ctx.data.num_samples("train") / ctx.batch_size)
+        per_epoch = math.ceil(num_train / batch_size)
         return max(1, math.ceil(per_epoch * client.local_epochs / client.batches_per_step))
 
     def local_batches(self, ctx: ClientContext, work: float = 1.0) -> Iterator[Any]:
@@ -634,13 +716,13 @@ class Federation(pl.LightningModule):
         ctx = self.context(client_id, round_idx, "train", Stream.TRAIN)
         client.context = ctx
         client.round_state = {}
-        client.receive(self.server.message_for(client_id))
-        client.load_client_state(self.store.get(client_id, self.device))
+        client.receive(self.server.message_for(client_id), ctx)
+        client.load_client_state(self.store.get(client_id, self.device), ctx)
         client.zero_grad(set_to_none=True)
         opts = self._reset_optimizers()
         post_step = type(client).after_local_step is not ClientModule.after_local_step
         with self._seeded(round_idx, client_id, Stream.TRAIN):
-            client.on_local_train_start()
+            client.on_local_train_start(ctx)
             total: Tensor | None = None
             steps = 0
             for batch_idx, batch in enumerate(client.step_batches(ctx, self.local_batches(ctx, work))):
@@ -662,10 +744,10 @@ class Federation(pl.LightningModule):
                     with torch.no_grad():
                         params = {n: t.detach() for n, t in client.params().items()}
                         load_float_state(client.net, client.after_local_step(params, before, client.round_state))
-                client.on_local_step_end()
+                client.on_local_step_end(ctx)
                 total = loss.detach().float() if total is None else total + loss.detach().float()
                 steps += 1
-            client.on_local_train_end()
+            client.on_local_train_end(ctx)
         mean_loss = total / steps if total is not None else None
         if mean_loss is not None and not bool(torch.isfinite(mean_loss)):
             raise FloatingPointError(
@@ -673,8 +755,8 @@ class Federation(pl.LightningModule):
                 f" {round_idx + 1}: lower the learning rate (`--model.client.init_args.lr`) or use float32"
                 " precision. The last good checkpoint is kept; resume from it with `--ckpt_path last`."
             )
-        self.store.put(client_id, client.client_state())
-        return client.upload(), mean_loss
+        self.store.put(client_id, client.client_state(ctx))
+        return client.upload(ctx), mean_loss
 
     def _train_sequential(
         self, client_ids: list[int], round_idx: int, work: dict[int, float]
@@ -761,7 +843,8 @@ class Federation(pl.LightningModule):
         dropped, work = self.faults(sampled, round_idx)
         gone = set(dropped)
         active = [k for k in sampled if k not in gone]
-        mine = self.shard(active)
+        mine, placement = self.assign_clients(active, work)  # several processes: balanced, states moved
+        self.data.release(mine)  # this process keeps only the data of the clients it now serves
         train = self._train_vectorized if self.executor_for("train") == "vectorized" else self._train_sequential
         self.client.logs = client_logs = ClientLogs()
         self._running = self.server.running_sum() if self.server.reducible else None
@@ -796,6 +879,7 @@ class Federation(pl.LightningModule):
             "train/clients_reported": float(len(reported)),
             "round": float(round_idx + 1),
             **memory_stats(self.device),
+            **placement,
         }
         if self.dropout_rate > 0 or self.straggler_rate > 0:  # simulated faults: what they did this round
             log["train/clients_dropped"] = float(len(dropped))
@@ -887,15 +971,14 @@ class Federation(pl.LightningModule):
         return reported
 
     def gather_uploads(self, uploads: dict[int, Message]) -> dict[int, Message]:
-        """Collect every process's uploads (identity in a single process), sorted by client id."""
+        """Collect every process's uploads (identity in a single process), sorted by client id.
+
+        With several processes, :func:`~pflight.collectives.gather_messages`: the uploads' names, shapes, counts and
+        metrics are all-gathered, their tensors broadcast as flat buffers (one per upload and dtype), never pickled.
+        """
         if self.trainer.world_size == 1:
             return uploads
-        gathered: list[dict[int, Message]] = [{} for _ in range(self.trainer.world_size)]
-        torch.distributed.all_gather_object(gathered, {k: m.to("cpu") for k, m in uploads.items()})
-        merged: dict[int, Message] = {}
-        for part in gathered:
-            merged.update({k: m.to(self.device) for k, m in part.items()})
-        return dict(sorted(merged.items()))
+        return gather_messages(uploads, self.device)
 
     # ------------------------------------------------------------------ evaluation
     @override
@@ -978,10 +1061,10 @@ class Federation(pl.LightningModule):
         ctx = self.context(client_id, round_idx, stage, Stream.EVAL)
         client.context = ctx
         client.round_state = {}
-        client.receive(self.server.message_for(client_id))
-        client.load_client_state(None if ctx.new_client else self.store.get(client_id, self.device))
+        client.receive(self.server.message_for(client_id), ctx)
+        client.load_client_state(None if ctx.new_client else self.store.get(client_id, self.device), ctx)
         with self._seeded(round_idx, client_id, Stream.EVAL), torch.enable_grad():
-            client.personalize()
+            client.personalize(ctx)
         return ctx
 
     def _evaluate(
@@ -1012,7 +1095,7 @@ class Federation(pl.LightningModule):
             client.context = ctx
             global_message = self.server.global_message()
             if global_message is not None and not ctx.new_client:
-                client.receive(global_message)
+                client.receive(global_message, ctx)
                 global_counts[k] = self._evaluate_client(stage)
             self.personalize_client(k, round_idx, stage)
             personal[k] = self._evaluate_client(stage)
@@ -1040,7 +1123,9 @@ class Federation(pl.LightningModule):
         client.logs = client_logs = ClientLogs()
         client.eval_metrics = None if self.eval_metrics is None else self.eval_metrics.to(self.device)
         try:
-            personal, global_counts = self._evaluate(self.shard(client_ids), round_idx, stage)
+            mine = self.shard(client_ids)
+            self.data.release(mine)
+            personal, global_counts = self._evaluate(mine, round_idx, stage)
         finally:
             client.logs = None
             client.eval_metrics = None
@@ -1148,21 +1233,48 @@ class Federation(pl.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the server, every client's persistent state and the evaluation history."""
-        store = self.store.state_dict()
-        if self.trainer.world_size > 1:  # each rank holds its own clients' state: merge them
-            parts: list[dict[str, Any]] = [{} for _ in range(self.trainer.world_size)]
-            torch.distributed.all_gather_object(parts, store)
-            store = {"states": {k: v for part in parts for k, v in part["states"].items()}}
+        """Save the server, every client's persistent state, where it is held and the evaluation history.
+
+        In one process the states go into the checkpoint. Under :class:`~pflight.strategies.FederatedStrategy`
+        each rank's own states go under a private key, which the strategy writes to that rank's shard file
+        beside the checkpoint; the checkpoint holds the index (which clients are in which file).
+        """
+        from pflight.strategies import FederatedStrategy
+
+        world = self.trainer.world_size
+        if isinstance(self.trainer.strategy, FederatedStrategy):
+            store, checkpoint[SHARD_KEY] = self._store_shard()
+        else:
+            store = self.store.state_dict()
         checkpoint[CHECKPOINT_KEY] = {
             "version": 1,
             "fingerprint": self.fingerprint(),
             "server": self.server.state_dict(),
             "store": store,
+            "placement": {"world_size": world, "holders": dict(self._holders) if self._holders_world == world else {}},
             "history": list(self.history),
             "initial_state": self.client.initial_state(),
             "rounds_completed": self.rounds_completed,
         }
+
+    def _store_shard(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checkpoint's store entry (the shard index) and this rank's shard (its file name and states).
+
+        The ranks all-gather the ids of the clients they hold (small) and rank 0's random tag, which makes the
+        file names new at every save; ranks holding no state write no file.
+        """
+        import uuid
+
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        mine = (list(self.store), uuid.uuid4().hex[:8] if rank == 0 else None)
+        parts: list[Any] = [mine]
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, mine)
+        tag = parts[0][1]
+        index = {"folder": None, "files": {shard_name(r, world, tag): ids for r, (ids, _) in enumerate(parts) if ids}}
+        shard = {"file": shard_name(rank, world, tag), "states": self.store.state_dict()["states"], "index": index}
+        return {"shards": index}, shard
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -1183,10 +1295,35 @@ class Federation(pl.LightningModule):
             )
         self.client._initial = {k: v.clone() for k, v in state["initial_state"].items()}
         self.server.load_state_dict(state["server"])
-        self.store.load_state_dict(state["store"])
+        self._load_store(state)
         self.history = list(state["history"])
         self.rounds_completed = int(state.get("rounds_completed", checkpoint.get("epoch", -1) + 1))
         # The local optimizers are rebuilt from this run's settings each round (their state is cleared every
         # round); restoring the checkpoint's param groups would bring back its learning rate, momentum, ...
         # and silently override the command line. Only this run's hyperparameters apply.
         checkpoint["optimizer_states"] = []
+
+    def _load_store(self, state: dict[str, Any]) -> None:
+        """This rank's clients' states from the checkpoint's store entry (or its shard files), and their holders.
+
+        With the number of processes that saved it, the holders are restored (a bit-identical resume: every
+        reduction over ranks groups the clients as before); with another, client ``k`` goes to rank
+        ``k % world_size``. Each rank reads only the clients it holds.
+        """
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        placement = state.get("placement", {})
+        same = placement.get("world_size") == world
+        self._holders = {int(k): int(r) for k, r in placement.get("holders", {}).items()} if same else {}
+        self._holders_world = world
+        keep = None if world == 1 else (lambda k: self.holder_of(k) == rank)
+        store = state["store"]
+        if "shards" not in store:
+            self.store.load_state_dict(store, keep)
+            return
+        path = self.trainer.ckpt_path
+        if path is None:
+            raise ValueError(
+                "the checkpoint keeps its clients' states in shard files beside it, but the Trainer was not given"
+                " its path: load it with `trainer.fit/validate/test/predict(..., ckpt_path=...)` (`--ckpt_path`)."
+            )
+        self.store.load_shards(*checkpoint_shards(store, path), keep=keep)

@@ -6,7 +6,7 @@ along a leading client dimension, and a step is ``vmap(grad(loss))`` over the cl
 update on the stacked tensors::
 
     per client, in turn (the client module's own hooks, as the sequential executor runs them):
-        receive(message); load_client_state(store[k]); on_local_train_start()
+        receive(message, ctx); load_client_state(store[k], ctx); on_local_train_start(ctx)
         its weights and round_state snapshot; its batch plan (step_batches replayed on sample indices,
         from the same generator as the sequential executor: seed, round, client)
     sort clients by their number of local steps (descending); for each chunk of `chunk_size` clients:
@@ -18,7 +18,7 @@ update on the stacked tensors::
             weights[:m] <- the local optimizer's update          # SGD, Adam, ... each client its own state
             weights[:m] <- vmap(client.after_local_step)(...)   # when the client has one
         per client, in turn: the network holds its weights, round_state is its own;
-            on_local_train_end(); store[k] = client_state(); upload()
+            on_local_train_end(ctx); store[k] = client_state(ctx); upload(ctx)
 
 Chunks bound the memory of a round and, on a CPU, keep a chunk's weights in cache across its steps. Where the
 network is a plain MLP, the objective the base class's cross-entropy (plus its proximal term) and the optimizer
@@ -38,9 +38,12 @@ once per data module.
 Evaluation (:func:`evaluate_clients`) runs through the same machinery: the global model on every seen client's
 split in one forward per chunk; then per client the sequential prologue (message, persistent state), its
 fine-tuning plan (:class:`~pflight.client.FineTune`, batches from the ``Stream.EVAL`` generator) stepped for a
-chunk at once, and one padded forward per chunk. It serves a client class whose personalization is data
-(``personalization_plan``, as FedAvgFT's, LocalOnly's, Per-FedAvg's and FedBABU's fine-tuning is); a class with its
-own ``personalize``, ``evaluate`` or ``forward`` is evaluated client by client (:func:`eval_unsupported_reason`).
+chunk at once by the same :class:`Stepper` (the plan's objective under ``vmap(grad)``, its ``state`` stacked, its
+post-step correction vmapped, per-parameter learning rates stacked; the fused MLP step where the objective is the
+cross-entropy plus an optional proximal term), and one padded forward per chunk. It serves a client class whose
+personalization is data (``personalization_plan``: FedAvgFT's, Local-only's, Per-FedAvg's, FedBABU's, MAML's and
+Meta-SGD's inner steps, FEDORA's new clients, pFedMe's inner solve); a class with its own ``personalize``,
+``evaluate`` or ``forward`` is evaluated client by client (:func:`eval_unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -61,9 +64,12 @@ from pflight.client import (
     Batch,
     ClientContext,
     ClientModule,
+    FineTune,
     cross_entropy,
+    elementwise_sgd_,
     float_state,
     load_float_state,
+    proximal_term,
     state_tensors,
 )
 from pflight.data.datamodule import ClientData, FederatedDataModule
@@ -161,12 +167,8 @@ _POOLS: WeakKeyDictionary[FederatedDataModule, dict[str, _Pool]] = WeakKeyDictio
 def _pool(dm: FederatedDataModule, split: str = "train") -> _Pool:
     pools = _POOLS.setdefault(dm, {})
     pool = pools.get(split)
-    if pool is None or len(pool.offsets) != len(dm.clients):
-        xs = [c.split(split)[0] for c in dm.clients]
-        ys = [c.split(split)[1] for c in dm.clients]
-        offsets = _cumulative([len(y) for y in ys])
-        x = torch.cat([*xs, xs[0].new_zeros(1, *xs[0].shape[1:])])
-        y = torch.cat([*ys, ys[0].new_zeros(1, *ys[0].shape[1:])])
+    if pool is None or len(pool.offsets) != dm.num_clients:
+        x, y, offsets = dm.stacked(split, padding=1)  # no client is materialized for it
         pool = _Pool(x, y, offsets, pad=len(y) - 1)
         pools[split] = pool
     return pool
@@ -382,7 +384,9 @@ class Stepper:
     The update is ``torch.optim.SGD``'s (:func:`~pflight.fused_mlp.sgd_update_`) for SGD, else the local optimizer
     class stepping one view per client (its state kept per client). Where the network is a plain MLP, the
     objective the base class's cross-entropy (plus its proximal term) and the optimizer SGD, the step is
-    :func:`~pflight.fused_mlp.fused_sgd_step_` instead: no autograd graph, no materialized gradient.
+    :func:`~pflight.fused_mlp.fused_sgd_step_` instead: no autograd graph, no materialized gradient. With ``lrs``
+    (``name -> (C, ...)``, a learning rate per client and element) the update is
+    :func:`~pflight.client.elementwise_sgd_` with the SGD hyperparameters.
     """
 
     def __init__(
@@ -394,6 +398,7 @@ class Stepper:
         plain: bool,
         post_step: Callable[..., Mapping[str, Tensor]] | None = None,
         proximal_mu: float = 0.0,
+        lrs: dict[str, Tensor] | None = None,
     ) -> None:
         self.federation, self.run = federation, run
         self.device = federation.device
@@ -401,9 +406,10 @@ class Stepper:
         self.proximal_mu = proximal_mu
         self.opt_class, self.hyper = optimizer
         self.sgd = self.opt_class is torch.optim.SGD
+        self.lrs = lrs
         self.momentum: dict[str, Tensor] | None = None
         self.fused = None
-        if FUSED and plain and self.sgd and len(run.batches) == 1:
+        if FUSED and plain and self.sgd and lrs is None and len(run.batches) == 1:
             layers = mlp_layers(federation.client.net)
             names = {n for layer in layers or [] for n in (layer.weight, layer.bias) if n is not None}
             if layers is not None and names == set(run.trainable) == set(run.names):
@@ -486,6 +492,18 @@ class Stepper:
     @torch.no_grad()
     def _update(self, grads: Mapping[str, Tensor], t: int, m: int) -> None:
         run = self.run
+        if self.sgd and self.lrs is not None:
+            buffers = self._buffers(m)
+            elementwise_sgd_(
+                [run.state[n][:m] for n in run.trainable],
+                [grads[n] for n in run.trainable],
+                [self.lrs[n][:m] for n in run.trainable],
+                [buffers[n] for n in run.trainable] if buffers is not None else None,
+                momentum=self.hyper["momentum"],
+                weight_decay=self.hyper["weight_decay"],
+                first_step=t == 0,
+            )
+            return
         if self.sgd:
             buffers = self._buffers(m)
             sgd_update_(
@@ -590,11 +608,11 @@ def train_clients(
         if direct and set(names) <= set(message.tensors):
             starts.append(message.tensors)  # what `receive` would load and `float_state` read back
         else:
-            client.receive(message)
-            client.load_client_state(federation.store.get(k, device))
+            client.receive(message, ctx)
+            client.load_client_state(federation.store.get(k, device), ctx)
             if start_hook:
                 with federation._seeded(round_idx, k, Stream.TRAIN):
-                    client.on_local_train_start()
+                    client.on_local_train_start(ctx)
             starts.append(float_state(client.net))
         contexts.append(ctx)
         round_states.append(client.round_state)
@@ -664,9 +682,9 @@ def train_clients(
                     opt.state[p] = s
                 if end_hook:
                     with federation._seeded(round_idx, k, Stream.TRAIN):
-                        client.on_local_train_end()
-                federation.store.put(k, client.client_state())
-                upload = client.upload()
+                        client.on_local_train_end(ctx)
+                federation.store.put(k, client.client_state(ctx))
+                upload = client.upload(ctx)
             if upload is not None:
                 uploads[k] = federation.collect_upload(k, upload)
             losses[k] = loss_sum[c]
@@ -719,8 +737,8 @@ def eval_unsupported_reason(federation: Federation) -> str | None:
     cls = type(federation.client)
     if cls.personalize is not ClientModule.personalize:
         return (
-            f"`{cls.__name__}.personalize` is its own code, run client by client: describe a plain SGD fine-tuning"
-            " as data with `personalization_plan` instead to personalize the clients at once"
+            f"`{cls.__name__}.personalize` is its own code, run client by client: describe SGD fine-tuning as data"
+            " with `personalization_plan` (a `FineTune`) instead to personalize the clients at once"
         )
     for hook in ("evaluate", "forward"):
         if getattr(cls, hook) is not getattr(ClientModule, hook):
@@ -740,9 +758,9 @@ def evaluate_clients(
     Gives what ``Federation`` gives client by client (up to float summation order): the global model's counts
     for every seen client when the server has one; then each client receives its message, loads its state,
     fine-tunes as its :class:`~pflight.client.FineTune` plan says (the same batches, from the generator of
-    (seed, round, client, ``Stream.EVAL``), the same SGD in float32) and is evaluated. Clients are sorted by
-    their number of fine-tuning steps and run in chunks of :func:`chunk_size`; the client module is left as
-    the last client leaves it.
+    (seed, round, client, ``Stream.EVAL``), the same objective and SGD in float32) and is evaluated. Clients whose
+    plans share a learning rate, SGD hyperparameters and objective are sorted by their number of fine-tuning steps
+    and run in chunks of :func:`chunk_size`; the client module is left as the last client leaves it.
     """
     if not client_ids:
         return {}, {}
@@ -755,14 +773,16 @@ def evaluate_clients(
     seen = [i for i, ctx in enumerate(contexts) if not ctx.new_client]
     if message is not None and seen:
         client.context = contexts[seen[0]]
-        client.receive(message)
+        client.receive(message, contexts[seen[0]])
         state = {n: t.to(device) for n, t in float_state(client.net).items()}
         chunk = chunk_size(federation, len(seen))
         for lo in range(0, len(seen), chunk):
             members = [client_ids[i] for i in seen[lo : lo + chunk]]
             counts = _count(federation, members, stage, lambda x: _shared_forward(client.net, state, x))
             global_counts.update(zip(members, counts, strict=True))
-    starts, plans, lrs = [], [], []
+    starts: list[Mapping[str, Tensor]] = []
+    plans: list[list[Tensor]] = []
+    tunes: list[FineTune | None] = []
     cls = type(client)
     plain_in = cls.receive is ClientModule.receive and cls.load_client_state is ClientModule.load_client_state
     for k, ctx in zip(client_ids, contexts, strict=True):  # exactly the sequential prologue
@@ -772,35 +792,37 @@ def evaluate_clients(
         if plain_in and message is not None and message.kind == "weights" and set(names) <= set(message.tensors):
             starts.append(message.tensors)  # what `receive` would load and `float_state` read back
         else:
-            client.receive(message)
-            client.load_client_state(None if ctx.new_client else federation.store.get(k, device))
+            client.receive(message, ctx)
+            client.load_client_state(None if ctx.new_client else federation.store.get(k, device), ctx)
             starts.append(float_state(client.net))
         ft = plan_of(client, ctx)
-        lrs.append(float(ft.lr if ft is not None and ft.lr is not None else client.lr))
         if ft is None or (ft.steps <= 0 and ft.epochs <= 0):
-            plans.append([])
+            ft, batches = None, []
         elif ft.batch is not None:
-            plans.append([ft.batch.cpu()] * max(ft.steps, 0))
+            batches = [ft.batch.cpu()] * ft.steps
         else:
             n = ctx.data.num_samples("train")
-            plans.append(plan_batches(n, ctx.batch_size, ctx.generator, max(ft.epochs, 1), ft.steps or None))
+            batches = plan_batches(n, ctx.batch_size, ctx.generator, max(ft.epochs, 1), ft.steps or None)
+        tunes.append(ft)
+        plans.append([b for b in batches for _ in range(ft.repeat if ft is not None else 1)])
     chunk = chunk_size(federation, len(client_ids))
-    groups: list[list[int]] = []  # chunks of one learning rate, most fine-tuning steps first
-    for i in sorted(range(len(client_ids)), key=lambda i: (lrs[i], -len(plans[i]))):
-        if groups and lrs[groups[-1][0]] == lrs[i] and len(groups[-1]) < chunk:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
+    groups: list[list[int]] = []  # chunks of one kind of fine-tuning, most steps first
+    by_kind: dict[Any, list[int]] = {}
+    for i in range(len(client_ids)):
+        by_kind.setdefault(_fine_tune_kind(client, tunes[i]), []).append(i)
+    for members in by_kind.values():
+        members.sort(key=lambda i: -len(plans[i]))
+        groups += [members[lo : lo + chunk] for lo in range(0, len(members), chunk)]
     forward = batched_forward(client.net)
     own = client.net.state_dict()
     pool = _pool(federation.data)
     dtype = next(iter(client.net.parameters())).dtype
-    sgd = (torch.optim.SGD, _sgd_hyper(torch.optim.SGD([torch.zeros(1)], lr=1.0)))  # `fine_tune`'s fresh SGD
     personal: dict[int, Counts] = {}
     last = len(client_ids) - 1
     was_training = client.net.training
     for group in groups:
         ids = [client_ids[i] for i in group]
+        ft = tunes[group[0]]
         run = Chunk(
             client_ids=ids,
             steps=[len(plans[i]) for i in group],
@@ -809,13 +831,11 @@ def evaluate_clients(
             state={n: t.to(own[n].dtype) for n, t in stack_states([starts[i] for i in group], names, device).items()},
             round_state={},
         )
-        if run.steps[0] > 0:
+        if ft is not None and run.steps[0] > 0:
             run.batches = _stack_plans(
                 [[(b,) for b in plans[i]] for i in group], [pool.offsets[k] for k in ids], pool.pad, dtype
             )
-            stepper = Stepper(
-                federation, run, _fine_tune_objective(client), (sgd[0], {**sgd[1], "lr": lrs[group[0]]}), True
-            )
+            stepper = _fine_tune_stepper(federation, run, [t for t in (tunes[i] for i in group) if t is not None])
             client.net.train()
             for t in range(run.steps[0]):
                 stepper.step(t, run.active(t))
@@ -828,11 +848,51 @@ def evaluate_clients(
     return {k: personal[k] for k in client_ids}, global_counts
 
 
-def _fine_tune_objective(client: ClientModule) -> Objective:
-    """``ClientModule.fine_tune``'s loss: the batch's cross-entropy at ``params``, in float32."""
+def _fine_tune_stepper(federation: Federation, run: Chunk, tunes: list[FineTune]) -> Stepper:
+    """The steps of the plans ``tunes`` (one kind, :func:`_fine_tune_kind`) of the chunk's clients, as ``fine_tune``.
 
-    def objective(params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> Tensor:
-        return cross_entropy(client.net_forward(params, batch.x).float(), batch)
+    Their ``state`` s stacked as the chunk's round state; a per-parameter learning rate stacked ``(C, ...)``.
+    """
+    client, device, ft = federation.client, federation.device, tunes[0]
+    own = client.net.state_dict()
+    run.round_state = stack_tree([t.state for t in tunes], device)
+    lrs = None
+    if ft.elementwise():  # a learning rate per client and element: (C, ...) per trainable tensor
+        per_client = [t.lr for t in tunes if isinstance(t.lr, Mapping)]
+        lrs = {n: torch.stack([lr[n].detach().to(device, own[n].dtype) for lr in per_client]) for n in run.trainable}
+    lr = 1.0 if lrs is not None else float(ft.lr if ft.lr is not None else client.lr)  # type: ignore[arg-type]
+    hyper = {**_sgd_hyper(torch.optim.SGD([torch.zeros(1)], lr=lr)), "momentum": ft.momentum}  # a fresh SGD's
+    hyper["weight_decay"] = ft.weight_decay
+    base_loss = getattr(ft.loss, "__func__", None) is ClientModule.loss  # the client's own, not overridden
+    mu = ft.proximal_mu if ft.loss is None else float(client.proximal_mu) if base_loss else 0.0
+    objective = _fine_tune_objective(client, ft.loss, mu)
+    plain = ft.loss is None or base_loss  # the fused MLP step computes it where the network is a plain MLP
+    return Stepper(federation, run, objective, (torch.optim.SGD, hyper), plain, ft.after_step, mu, lrs)
+
+
+def _fine_tune_kind(client: ClientModule, plan: FineTune | None) -> Any:
+    """What clients fine-tuned in one chunk share: learning rate, SGD hyperparameters, objective (None: no tuning).
+
+    A per-parameter learning rate is stacked per client, so any such clients share a chunk.
+    """
+    if plan is None:
+        return None
+    lr = plan.lr if plan.lr is not None else client.lr
+    return ("elementwise" if isinstance(lr, Mapping) else float(lr), plan.momentum, plan.weight_decay, plan.loss,
+            plan.proximal_mu, plan.after_step)  # fmt: skip
+
+
+def _fine_tune_objective(client: ClientModule, loss: Objective | None, proximal_mu: float = 0.0) -> Objective:
+    """``ClientModule.fine_tune``'s objective in float32: ``loss``, or the batch's cross-entropy (+ proximal term)."""
+
+    def objective(params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> Any:
+        if loss is None:
+            ce = cross_entropy(client.net_forward(params, batch.x).float(), batch)
+            if proximal_mu > 0 and "anchor" in state:
+                ce = ce + proximal_term(params, state["anchor"], proximal_mu).float()
+            return ce
+        out = loss(params, batch, state)
+        return {**out, "loss": out["loss"].float()} if isinstance(out, dict) else out.float()
 
     return objective
 
@@ -853,7 +913,7 @@ def _count(
     """
     pool = _pool(federation.data, split)
     device = federation.device
-    sizes = torch.tensor([federation.data.client_data(k).num_samples(split) for k in client_ids])
+    sizes = torch.tensor([federation.data.num_samples(k, split) for k in client_ids])
     offsets = torch.tensor([pool.offsets[k] for k in client_ids])
     correct = torch.zeros(len(client_ids), dtype=torch.long)
     loss = torch.zeros(len(client_ids), dtype=torch.float64)

@@ -58,7 +58,7 @@ from typing_extensions import override
 
 from pflight.algorithms.baselines import FedAvg
 from pflight.algorithms.ditto import sub_state
-from pflight.client import Batch, OptimizerCallable, cross_entropy, float_state, load_float_state
+from pflight.client import Batch, ClientContext, cross_entropy, float_state, load_float_state
 from pflight.messages import Message
 
 MIXINGS = ("parameters", "logits")
@@ -113,52 +113,33 @@ class APFLNet(nn.Module):
 class APFL(FedAvg):
     """APFL's client: local SGD on the global model, a personal model and an adaptive mixing weight alpha.
 
+    The local optimizer (``lr`` = eta, ``momentum``, ``weight_decay`` or ``optimizer``) steps w, v and alpha
+    together, once per batch; with momentum each tensor keeps its own buffer. ``weighted=False`` is the paper's
+    uniform mean.
+
     Args:
         net: the target network (the client's ``net`` becomes an :class:`APFLNet` around it).
-        lr: local learning rate ``eta`` of w, v and alpha.
-        momentum: local SGD momentum (each tensor keeps its own buffer).
-        weight_decay: local weight decay (w, v and alpha).
-        local_epochs: passes over the train split per round (one step of w, v and alpha per batch).
-        local_steps: exactly this many local batches per round instead.
-        optimizer: a local optimizer other than SGD.
-        weighted: the server weights clients by training-set size (False: the paper's uniform mean).
-        server_optimizer: optional server optimizer on the global model's pseudo-gradient (FedOpt).
         alpha: the mixing weight every client starts from (FedTorch's default 0.5), in [0, 1].
         adaptive_alpha: learn each client's alpha by gradient descent (False: alpha stays fixed).
         mixing: ``parameters`` (the paper's ``v_bar = alpha v + (1 - alpha) w``) or ``logits`` (the reference
             implementations' ``alpha f(v) + (1 - alpha) f(w)``).
+        **kwargs: other arguments: as :class:`~pflight.algorithms.baselines.FedAvg`.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
+        *,
         alpha: float = 0.5,
         adaptive_alpha: bool = True,
         mixing: str = "parameters",
+        **kwargs: Any,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`APFL(alpha={alpha})` must be in [0, 1] (0: the global model, 1: the personal one).")
         if mixing not in MIXINGS:
             raise ValueError(f"`APFL(mixing={mixing!r})` is not valid: use one of {MIXINGS}.")
-        super().__init__(
-            APFLNet(net, alpha, adaptive_alpha, mixing),
-            lr,
-            momentum,
-            weight_decay,
-            local_epochs,
-            local_steps,
-            optimizer,
-            weighted,
-            server_optimizer,
-        )
+        super().__init__(APFLNet(net, alpha, adaptive_alpha, mixing), **kwargs)
         self.alpha = alpha
         self.adaptive_alpha = adaptive_alpha
         self.mixing = mixing
@@ -181,7 +162,7 @@ class APFL(FedAvg):
         self.net.alpha.copy_(torch.as_tensor(value, dtype=self.net.alpha.dtype))
 
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load w^t as the local w and as v with alpha 0: the network is the global model until the client's state."""
         if message is not None and message.kind == "weights":
             load_float_state(self.net.global_model, message.tensors)
@@ -189,12 +170,12 @@ class APFL(FedAvg):
         self._set_alpha(0.0)
 
     @override
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
         """The client's v_k and alpha_k; theta_0 and ``alpha`` the first time it trains (at evaluation: w^t)."""
         if state is not None:
             load_float_state(self.net.personal, state["personal"])
             self._set_alpha(state["alpha"])
-        elif self.context is not None and self.context.stage == "train":
+        elif ctx.stage == "train":
             load_float_state(self.net.personal, self.initial_state())
             self._set_alpha(self.alpha)
 
@@ -221,15 +202,14 @@ class APFL(FedAvg):
         return {**params, "alpha": params["alpha"].clamp(0.0, 1.0)}
 
     @override
-    def client_state(self) -> dict[str, Any]:
+    def client_state(self, ctx: ClientContext) -> dict[str, Any]:
         """Keep the personal model v_k and the mixing weight alpha_k."""
         return {"personal": float_state(self.net.personal), "alpha": self.net.alpha.detach().clone()}
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """Send the locally trained global model w_k, under the target net's names."""
-        assert self.context is not None
-        n = self.context.data.num_samples("train")
+        n = ctx.data.num_samples("train")
         return Message("weights", float_state(self.net.global_model), n_samples=n)
 
 

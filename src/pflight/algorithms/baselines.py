@@ -29,20 +29,11 @@ class LocalOnly(ClientModule):
 
     Args:
         new_client_epochs: local epochs a new client trains before it is evaluated.
+        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        new_client_epochs: int = 20,
-    ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+    def __init__(self, net: nn.Module, *, new_client_epochs: int = 20, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
         if new_client_epochs < 0:
             raise ValueError(f"`LocalOnly(new_client_epochs={new_client_epochs})` must be >= 0.")
         self.new_client_epochs = new_client_epochs
@@ -58,17 +49,17 @@ class LocalOnly(ClientModule):
         return NoServer()
 
     @override
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
         """The client's own model (the shared initial weights the first time)."""
         load_float_state(self.net, state["weights"] if state is not None else self.initial_state())
 
     @override
-    def client_state(self) -> dict[str, Any]:
+    def client_state(self, ctx: ClientContext) -> dict[str, Any]:
         """Keep the local model."""
         return {"weights": float_state(self.net)}
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """Nothing leaves the client."""
         return None
 
@@ -79,21 +70,18 @@ class FedAvg(ClientModule):
     Args:
         weighted: weight clients by training-set size at the server (False: uniform mean).
         server_optimizer: optional server optimizer on the pseudo-gradient (FedAvgM / FedOpt).
+        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
+        *,
         weighted: bool = True,
         server_optimizer: OptimizerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        super().__init__(net, **kwargs)
         self.weighted = weighted
         self.server_optimizer = server_optimizer
 
@@ -110,26 +98,19 @@ class FedAvgFT(FedAvg):
         finetune_steps: local SGD steps at evaluation (0 with ``finetune_epochs`` 0 is plain FedAvg).
         finetune_epochs: passes over the train split at evaluation (used when steps is 0).
         finetune_lr: fine-tuning learning rate (None: the local ``lr``).
+        **kwargs: other arguments: as :class:`FedAvg`.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
+        *,
         finetune_steps: int = 10,
         finetune_epochs: int = 0,
         finetune_lr: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer
-        )
+        super().__init__(net, **kwargs)
         if finetune_steps < 0 or finetune_epochs < 0:
             raise ValueError(
                 f"`FedAvgFT(finetune_steps={finetune_steps}, finetune_epochs={finetune_epochs})` must be >= 0."
@@ -149,32 +130,19 @@ class FedProx(FedAvg):
 
     Args:
         mu: proximal coefficient (0 is FedAvg).
+        **kwargs: other arguments: as :class:`FedAvg`.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
-        mu: float = 0.01,
-    ) -> None:
-        super().__init__(
-            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer
-        )
+    def __init__(self, net: nn.Module, *, mu: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
         if mu < 0:
             raise ValueError(f"`FedProx(mu={mu})` must be >= 0.")
         self.mu = self.proximal_mu = mu
 
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load the global model and keep it as the proximal anchor (``round_state["anchor"]``)."""
-        super().receive(message)
+        super().receive(message, ctx)
         self.round_state["anchor"] = {n: p.detach().clone() for n, p in self.net.named_parameters()}
 
 

@@ -37,7 +37,7 @@ from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
 from pflight.algorithms.baselines import FedAvg
-from pflight.client import OptimizerCallable, float_state, load_float_state
+from pflight.client import ClientContext, float_state, load_float_state
 from pflight.messages import Message
 from pflight.streams import Stream, stream_seed
 
@@ -176,29 +176,22 @@ class LocalAdaptation(FedAvg):
             initialization for this many passes over its train split (SGD with the local ``lr``,
             ``momentum``, ``weight_decay``), once per client, and reports its accuracy as the
             reference; 0 skips it.
+        **kwargs: other arguments: as :class:`~pflight.algorithms.baselines.FedAvg`.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
+        *,
         adapt_epochs: int = 10,
         adapt_steps: int | None = None,
         adapt_lr: float = 0.01,
         adapt_momentum: float = 0.9,
         adapt_weight_decay: float = 5e-4,
         local_only_epochs: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer
-        )
+        super().__init__(net, **kwargs)
         name = type(self).__name__
         if adapt_epochs < 0:
             raise ValueError(f"`{name}(adapt_epochs={adapt_epochs})` must be >= 0 (0: no adaptation).")
@@ -222,8 +215,8 @@ class LocalAdaptation(FedAvg):
         self._local_only: dict[int, dict[str, Tensor]] = {}
 
     # ------------------------------------------------------------------ hooks of the variants
-    def begin_adaptation(self) -> None:
-        """Called at the start of :meth:`personalize`, after the anchor theta* is stored."""
+    def begin_adaptation(self, ctx: ClientContext) -> None:
+        """Called at the start of :meth:`personalize` of client ``ctx``, after the anchor theta* is stored."""
 
     def adapted_parameters(self) -> list[nn.Parameter]:
         """The parameters the adaptation trains (all of them)."""
@@ -235,25 +228,22 @@ class LocalAdaptation(FedAvg):
 
     # ------------------------------------------------------------------ evaluation
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load the global model; the next evaluation is of theta* until :meth:`personalize` runs."""
-        super().receive(message)
+        super().receive(message, ctx)
         self._adapted = False
 
-    def _adapt_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        assert self.context is not None
+    def _adapt_batches(self, ctx: ClientContext) -> Iterator[tuple[Tensor, Tensor]]:
         if self.adapt_steps is not None:
             if self.adapt_steps > 0:
-                yield from self.context.batches("train", steps=self.adapt_steps)
+                yield from ctx.batches("train", steps=self.adapt_steps)
             return
         if self.adapt_epochs > 0:
-            yield from self.context.batches("train", epochs=self.adapt_epochs)
+            yield from ctx.batches("train", epochs=self.adapt_epochs)
 
     @override
-    def personalize(self) -> None:
+    def personalize(self, ctx: ClientContext) -> None:
         """Adapt a student from the received global model on the train split; keep theta* as the anchor."""
-        ctx = self.context
-        assert ctx is not None
         self._anchor = float_state(self.net)
         self._adapted = True
         trainable = self.adapted_parameters()
@@ -261,7 +251,7 @@ class LocalAdaptation(FedAvg):
         frozen = [p for p in self.net.parameters() if id(p) not in ids and p.requires_grad]
         was_training = self.net.training
         with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=False):
-            self.begin_adaptation()
+            self.begin_adaptation(ctx)
             opt = torch.optim.SGD(
                 trainable, lr=self.adapt_lr, momentum=self.adapt_momentum, weight_decay=self.adapt_weight_decay
             )
@@ -270,7 +260,7 @@ class LocalAdaptation(FedAvg):
             try:
                 self.net.train()
                 self.set_adaptation_modes()
-                for x, y in self._adapt_batches():
+                for x, y in self._adapt_batches(ctx):
                     opt.zero_grad(set_to_none=True)
                     self.adaptation_loss(x, y).backward()
                     opt.step()
@@ -280,25 +270,23 @@ class LocalAdaptation(FedAvg):
                 self.net.zero_grad(set_to_none=True)
                 self.net.train(was_training)
             if self.local_only_epochs > 0 and ctx.client_id not in self._local_only:
-                self._local_only[ctx.client_id] = self._train_local_only()
+                self._local_only[ctx.client_id] = self._train_local_only(ctx)
 
     def set_adaptation_modes(self) -> None:
         """Called after ``net.train()``, before the adaptation steps: put modules that must not change in eval mode."""
 
-    def _train_local_only(self) -> dict[str, Tensor]:
+    def _train_local_only(self, ctx: ClientContext) -> dict[str, Tensor]:
         """SGD from the shared initialization on the train split only: the local-only reference.
 
         Built once per client and kept in memory (a measurement, not client state): after a resume it is
         rebuilt, identically, from the initial weights and its own seeded batch order.
         """
-        assert self.context is not None
         net = copy.deepcopy(self.net)
         load_float_state(net, self.initial_state())
         net.train()
         opt = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         # its own generator, seeded by the client alone: the same model whichever round first builds it
-        gen = torch.Generator().manual_seed(stream_seed(self.context.client_id, Stream.LOCAL_ONLY))
-        ctx = self.context
+        gen = torch.Generator().manual_seed(stream_seed(ctx.client_id, Stream.LOCAL_ONLY))
         for x, y in ctx.data.batches("train", ctx.batch_size, gen, epochs=self.local_only_epochs):
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
@@ -307,10 +295,9 @@ class LocalAdaptation(FedAvg):
         return {k: v.cpu() for k, v in float_state(net).items()}
 
     @torch.no_grad()
-    def _accuracy(self, state: Mapping[str, Tensor], split: str) -> float:
-        """Accuracy of the network with weights ``state`` on the client's ``split`` (eval mode, copies)."""
-        assert self.context is not None
-        x, y = self.context.full(split)
+    def _accuracy(self, state: Mapping[str, Tensor], split: str, ctx: ClientContext) -> float:
+        """Accuracy of the network with weights ``state`` on client ``ctx``'s ``split`` (eval mode, copies)."""
+        x, y = ctx.full(split)
         if len(y) == 0:
             return float("nan")
         was_training = self.net.training
@@ -324,14 +311,14 @@ class LocalAdaptation(FedAvg):
         return correct / len(y)
 
     @override
-    def evaluate(self, split: str) -> tuple[int, int, float]:
+    def evaluate(self, split: str, ctx: ClientContext | None = None) -> tuple[int, int, float]:
         """Score the model; after :meth:`personalize`, also record theta*'s and the local-only accuracy."""
-        correct, total, loss = super().evaluate(split)
-        ctx = self.context
+        correct, total, loss = super().evaluate(split, ctx)
+        ctx = ctx if ctx is not None else self.context
         if self._adapted and ctx is not None and total > 0:
-            record = {"after": correct / total, "before": self._accuracy(self._anchor, split)}
+            record = {"after": correct / total, "before": self._accuracy(self._anchor, split, ctx)}
             if ctx.client_id in self._local_only:
-                record["local_only"] = self._accuracy(self._local_only[ctx.client_id], split)
+                record["local_only"] = self._accuracy(self._local_only[ctx.client_id], split, ctx)
             self.records.setdefault(split, {})[ctx.client_id] = record
         return correct, total, loss
 
@@ -345,44 +332,11 @@ class FreezeBaseAdaptation(LocalAdaptation):
         frozen: how many leading parameter tensors (``net.named_parameters()`` order) are frozen;
             None freezes every tensor but those of the last module with parameters (head-only
             retraining, Yu et al.'s CIFAR choice).
+        **kwargs: other arguments: as :class:`LocalAdaptation`.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
-        adapt_epochs: int = 10,
-        adapt_steps: int | None = None,
-        adapt_lr: float = 0.01,
-        adapt_momentum: float = 0.9,
-        adapt_weight_decay: float = 5e-4,
-        local_only_epochs: int = 0,
-        frozen: int | None = None,
-    ) -> None:
-        super().__init__(
-            net,
-            lr,
-            momentum,
-            weight_decay,
-            local_epochs,
-            local_steps,
-            optimizer,
-            weighted,
-            server_optimizer,
-            adapt_epochs,
-            adapt_steps,
-            adapt_lr,
-            adapt_momentum,
-            adapt_weight_decay,
-            local_only_epochs,
-        )
+    def __init__(self, net: nn.Module, *, frozen: int | None = None, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
         names = [n for n, _ in net.named_parameters()]
         if frozen is not None and not 0 <= frozen < len(names):
             raise ValueError(
@@ -422,46 +376,19 @@ class EWCAdaptation(LocalAdaptation):
         fisher_data: ``train`` (the client's train split) or ``public`` (the public pool; needs
             ``FederatedDataModule(public_fraction=...)``).
         fisher_batches: at most this many batches for the Fisher (None: one pass).
+        **kwargs: other arguments: as :class:`LocalAdaptation`.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
-        adapt_epochs: int = 10,
-        adapt_steps: int | None = None,
-        adapt_lr: float = 0.01,
-        adapt_momentum: float = 0.9,
-        adapt_weight_decay: float = 5e-4,
-        local_only_epochs: int = 0,
+        *,
         ewc_lambda: float = 5000.0,
         fisher_data: str = "train",
         fisher_batches: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            net,
-            lr,
-            momentum,
-            weight_decay,
-            local_epochs,
-            local_steps,
-            optimizer,
-            weighted,
-            server_optimizer,
-            adapt_epochs,
-            adapt_steps,
-            adapt_lr,
-            adapt_momentum,
-            adapt_weight_decay,
-            local_only_epochs,
-        )
+        super().__init__(net, **kwargs)
         if ewc_lambda < 0:
             raise ValueError(f"`EWCAdaptation(ewc_lambda={ewc_lambda})` must be >= 0.")
         if fisher_data not in FISHER_DATA:
@@ -474,9 +401,7 @@ class EWCAdaptation(LocalAdaptation):
         self.fisher: dict[str, Tensor] = {}
         self._warned = False
 
-    def _fisher_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        ctx = self.context
-        assert ctx is not None
+    def _fisher_batches(self, ctx: ClientContext) -> Iterator[tuple[Tensor, Tensor]]:
         if self.fisher_data == "train":
             yield from ctx.batches("train", steps=self.fisher_batches, shuffle=False)
             return
@@ -493,21 +418,20 @@ class EWCAdaptation(LocalAdaptation):
             yield x[start : start + ctx.batch_size].to(ctx.device), y[start : start + ctx.batch_size].to(ctx.device)
 
     @override
-    def begin_adaptation(self) -> None:
-        """The diagonal empirical Fisher of the received global model (eval mode)."""
+    def begin_adaptation(self, ctx: ClientContext) -> None:
+        """The diagonal empirical Fisher of the received global model on client ``ctx``'s data (eval mode)."""
         params = dict(self.net.named_parameters())
         grads, sizes = [], []
         was_training = self.net.training
         self.net.eval()
-        for x, y in self._fisher_batches():
+        for x, y in self._fisher_batches(ctx):
             g = torch.autograd.grad(F.cross_entropy(self.net(x).float(), y), list(params.values()))
             grads.append(dict(zip(params, g, strict=True)))
             sizes.append(len(y))
         self.net.train(was_training)
         if not grads:
-            client = self.context.client_id if self.context is not None else "?"
             raise ValueError(
-                f"`EWCAdaptation(fisher_data={self.fisher_data!r})`: client {client} has no data to compute"
+                f"`EWCAdaptation(fisher_data={self.fisher_data!r})`: client {ctx.client_id} has no data to compute"
                 " the Fisher on: use the other `fisher_data`."
             )
         self.fisher = empirical_fisher(grads, sizes)
@@ -542,46 +466,19 @@ class KDAdaptation(LocalAdaptation):
         temperature: the softmax temperature T (Yu et al.: 6).
         kd_reduction: ``batchmean`` (the formula) or ``mean`` (``nn.KLDivLoss()``'s default, which
             Yu et al.'s code uses: the KL term is divided by the number of classes too).
+        **kwargs: other arguments: as :class:`LocalAdaptation`.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
-        adapt_epochs: int = 10,
-        adapt_steps: int | None = None,
-        adapt_lr: float = 0.01,
-        adapt_momentum: float = 0.9,
-        adapt_weight_decay: float = 5e-4,
-        local_only_epochs: int = 0,
+        *,
         alpha: float = 0.95,
         temperature: float = 6.0,
         kd_reduction: str = "batchmean",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            net,
-            lr,
-            momentum,
-            weight_decay,
-            local_epochs,
-            local_steps,
-            optimizer,
-            weighted,
-            server_optimizer,
-            adapt_epochs,
-            adapt_steps,
-            adapt_lr,
-            adapt_momentum,
-            adapt_weight_decay,
-            local_only_epochs,
-        )
+        super().__init__(net, **kwargs)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`KDAdaptation(alpha={alpha})` must be in [0, 1] (the weight of the KL term).")
         if temperature <= 0:

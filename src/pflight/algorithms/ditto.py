@@ -51,7 +51,7 @@ from torch.func import functional_call
 from typing_extensions import override
 
 from pflight.algorithms.baselines import FedAvg
-from pflight.client import Batch, OptimizerCallable, cross_entropy, float_state, load_float_state, proximal_term
+from pflight.client import Batch, ClientContext, cross_entropy, float_state, load_float_state, proximal_term
 from pflight.messages import Message
 
 
@@ -87,36 +87,19 @@ class DittoNet(nn.Module):
 class Ditto(FedAvg):
     """Ditto's client: local SGD on the global model, and a personal model on ``F_k(v) + (lam/2)||v - w^t||^2``.
 
+    The local optimizer (``lr`` = eta, ``momentum``, ``weight_decay`` or ``optimizer``) steps both models, one
+    step of each per batch (``local_steps``: the code's ``local_iters``); each model's tensors keep their own
+    momentum buffers, and elementwise optimizers keep the two models independent.
+
     Args:
         net: the target network (the client's ``net`` becomes a :class:`DittoNet` around it).
-        lr: local learning rate ``eta`` of both models.
-        momentum: local SGD momentum (each model's tensors keep their own buffers).
-        weight_decay: local weight decay (both models).
-        local_epochs: passes over the train split per round (both models: one step of each per batch).
-        local_steps: exactly this many local batches per round instead (the code's ``local_iters``).
-        optimizer: a local optimizer other than SGD (elementwise ones keep the two models independent).
-        weighted: the server weights clients by training-set size (False: uniform mean).
-        server_optimizer: optional server optimizer on the global model's pseudo-gradient (FedOpt).
         lam: ``lambda``, the pull of the personal model toward the global one (0: personal models trained alone;
             the authors' scripts use 1).
+        **kwargs: other arguments: as :class:`~pflight.algorithms.baselines.FedAvg`.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
-        lam: float = 1.0,
-    ) -> None:
-        super().__init__(
-            DittoNet(net), lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, server_optimizer
-        )
+    def __init__(self, net: nn.Module, *, lam: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(DittoNet(net), **kwargs)
         if not lam >= 0:
             raise ValueError(f"`Ditto(lam={lam})` must be >= 0 (0 trains the personal models alone).")
         self.lam = lam
@@ -127,7 +110,7 @@ class Ditto(FedAvg):
         self._initial = float_state(self.net.global_model)
 
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load w^t into both models and keep it as the personal model's anchor (``round_state["anchor"]``)."""
         if message is not None and message.kind == "weights":
             load_float_state(self.net.global_model, message.tensors)
@@ -137,11 +120,11 @@ class Ditto(FedAvg):
         }
 
     @override
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
         """The client's personal model v_k; theta_0 the first time it trains (at evaluation without one: w^t)."""
         if state is not None:
             load_float_state(self.net.personal, state["personal"])
-        elif self.context is not None and self.context.stage == "train":
+        elif ctx.stage == "train":
             load_float_state(self.net.personal, self.initial_state())
 
     @override
@@ -159,15 +142,14 @@ class Ditto(FedAvg):
         return {"loss": loss, "global_loss": global_loss.detach(), "personal_loss": personal_loss.detach()}
 
     @override
-    def client_state(self) -> dict[str, Any]:
+    def client_state(self, ctx: ClientContext) -> dict[str, Any]:
         """Keep the personal model v_k."""
         return {"personal": float_state(self.net.personal)}
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """Send the locally trained global model w_k, under the target net's names."""
-        assert self.context is not None
-        n = self.context.data.num_samples("train")
+        n = ctx.data.num_samples("train")
         return Message("weights", float_state(self.net.global_model), n_samples=n)
 
 

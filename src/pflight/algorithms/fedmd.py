@@ -47,7 +47,7 @@ from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
 from pflight.algorithms.distillation import kd_loss
-from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.client import ClientContext, ClientModule, float_state, load_float_state
 from pflight.data.datasets import DataSource
 from pflight.messages import Message
 from pflight.server import FederationInfo, Server, aggregation_weights
@@ -298,12 +298,7 @@ class FedMD(ClientModule):
             ``architecture_seed``).
         architecture_seed: with ``architectures`` None, client ``k`` draws its architecture from
             ``nets`` with this seed; None: round robin (``k % len(nets)``).
-        lr: revisit learning rate (SGD).
-        momentum: revisit SGD momentum.
-        weight_decay: revisit weight decay.
         local_epochs: revisit passes over the private train split per round (the paper: 2-10).
-        local_steps: if set, exactly this many revisit batches per round.
-        optimizer: the revisit optimizer other than SGD.
         subset_size: public samples scored per round (the server's subset; the paper: 5000).
         weighted: weight the consensus by private training-set sizes (the paper: uniform).
         public_batch_size: batch size on public data (transfer learning and digest).
@@ -322,6 +317,8 @@ class FedMD(ClientModule):
         persistent_digest_optimizer: keep each client's digest Adam (moments and step count) from one
             digest to its next, in the client store (the authors' code: a model compiled once); False: a
             fresh Adam every digest.
+        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`, for the revisit (``lr``,
+            ``momentum``, ``weight_decay``, ``local_steps``, ``optimizer``).
     """
 
     def __init__(
@@ -329,12 +326,8 @@ class FedMD(ClientModule):
         nets: list[nn.Module],
         architectures: list[int] | None = None,
         architecture_seed: int | None = None,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        *,
         local_epochs: int = 2,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
         subset_size: int = 5000,
         weighted: bool = False,
         public_batch_size: int = 128,
@@ -349,10 +342,11 @@ class FedMD(ClientModule):
         public_label_offset: int = 0,
         private_classes: int | None = None,
         persistent_digest_optimizer: bool = True,
+        **kwargs: Any,
     ) -> None:
         if len(nets) == 0:
             raise ValueError("`FedMD(nets=[])` needs at least one network (one per architecture).")
-        super().__init__(nn.ModuleList(nets), lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        super().__init__(nn.ModuleList(nets), local_epochs=local_epochs, **kwargs)
         if architectures is not None and any(not 0 <= a < len(nets) for a in architectures):
             raise ValueError(f"`FedMD(architectures={architectures})` must index `nets` (0..{len(nets) - 1}).")
         for name, value in (
@@ -458,34 +452,32 @@ class FedMD(ClientModule):
         """Averages logits on a fresh public subset per round."""
         return FedMDServer(self.subset_size, self.weighted, public_source=self.public_source)
 
-    def public(self) -> tuple[Tensor, Tensor]:
-        """The public pool ``(x, y)`` on the CPU (``public_source``, else the data module's)."""
+    def public(self, ctx: ClientContext) -> tuple[Tensor, Tensor]:
+        """The public pool ``(x, y)`` on the CPU (``public_source``, else client ``ctx``'s data module's)."""
         if self.public_source is not None:
             if self._public_cache is None:
                 self._public_cache = public_pool(self.public_source)
             return self._public_cache
-        assert self.context is not None
-        if self.context.public is None:
+        if ctx.public is None:
             raise ValueError(
                 "FedMD needs a public data set: set `FederatedDataModule(public_fraction=...)` (e.g."
                 " `--data.public_fraction 0.3`) or `FedMD(public_source=...)`."
             )
-        return self.context.public
+        return ctx.public
 
     # ------------------------------------------------------------------ round hooks
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Keep the server's message (subset ids and consensus); no weights are received."""
         self._message = message
 
     @override
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
         """Switch to the client's architecture and load its own weights (its initial ones the first time).
 
         With ``persistent_digest_optimizer``, its digest Adam's state goes to ``round_state["digest_optimizer"]``.
         """
-        assert self.context is not None
-        self.active = self.architecture_of(self.context.client_id)
+        self.active = self.architecture_of(ctx.client_id)
         self._fresh = state is None
         load_float_state(self.nets[self.active], self._initial_of(self.active) if state is None else state["weights"])
         if self.persistent_digest_optimizer:
@@ -498,19 +490,18 @@ class FedMD(ClientModule):
         return super().vectorized_reason() or own
 
     @override
-    def on_local_train_start(self) -> None:
+    def on_local_train_start(self, ctx: ClientContext) -> None:
         """Transfer learning the first time, then digest the last consensus."""
-        assert self.context is not None
-        with torch.autocast(self.context.device.type, enabled=False):
+        with torch.autocast(ctx.device.type, enabled=False):
             if self._fresh:
-                self.transfer_learning()
+                self.transfer_learning(ctx)
             msg = self._message
             if msg is not None and "consensus" in msg.tensors and self.digest_epochs > 0:
-                self.digest(msg.tensors["consensus_index"], msg.tensors["consensus"])
+                self.digest(ctx, msg.tensors["consensus_index"], msg.tensors["consensus"])
         self.nets.zero_grad(set_to_none=True)
 
     @override
-    def client_state(self) -> dict[str, Any]:
+    def client_state(self, ctx: ClientContext) -> dict[str, Any]:
         """The client's own weights (and its digest Adam's state with ``persistent_digest_optimizer``)."""
         state: dict[str, Any] = {"weights": float_state(self.nets[self.active])}
         if self.persistent_digest_optimizer:
@@ -519,47 +510,43 @@ class FedMD(ClientModule):
 
     @override
     @torch.no_grad()
-    def upload(self) -> Message:
+    def upload(self, ctx: ClientContext) -> Message:
         """Logits on this round's public subset (eval mode), and nothing else."""
-        assert self.context is not None
         msg = self._message
         if msg is None or "index" not in msg.tensors:
             raise ValueError("FedMD clients need the FedMD server's message: use `FedMDServer` (the default).")
-        x_pub, _ = self.public()
+        x_pub, _ = self.public(ctx)
         net = self.nets[self.active]
         was_training = net.training
         net.eval()
         index = msg.tensors["index"].cpu()
         chunks = []
-        with torch.autocast(self.context.device.type, enabled=False):
+        with torch.autocast(ctx.device.type, enabled=False):
             for start in range(0, len(index), 1024):
-                x = x_pub[index[start : start + 1024]].to(self.context.device, non_blocking=True)
+                x = x_pub[index[start : start + 1024]].to(ctx.device, non_blocking=True)
                 chunks.append(net(x).float())
         net.train(was_training)
         logits = torch.cat(chunks)  # (|subset|, classes)
         return Message(
             "logits",
             {"logits": logits},
-            n_samples=self.context.data.num_samples("train"),
+            n_samples=ctx.data.num_samples("train"),
             metrics={"logit_norm": float(logits.norm(dim=-1).mean())},
         )
 
     # ------------------------------------------------------------------ phases
-    def _public_batches(self, index: Tensor, epochs: int) -> Iterator[Tensor]:
-        """Shuffled minibatches of positions into ``index`` (seeded by the client's generator)."""
-        assert self.context is not None
+    def _public_batches(self, ctx: ClientContext, index: Tensor, epochs: int) -> Iterator[Tensor]:
+        """Shuffled minibatches of positions into ``index`` (seeded by client ``ctx``'s generator)."""
         for _ in range(epochs):
-            order = torch.randperm(len(index), generator=self.context.generator)
+            order = torch.randperm(len(index), generator=ctx.generator)
             for start in range(0, len(index), self.public_batch_size):
                 yield order[start : start + self.public_batch_size]
 
-    def transfer_learning(self) -> None:
-        """Called once per client: train on the whole public pool, then on the private train split."""
-        ctx = self.context
-        assert ctx is not None
+    def transfer_learning(self, ctx: ClientContext) -> None:
+        """Called once per client ``ctx``: train on the whole public pool, then on its private train split."""
         net = self.nets[self.active]
         net.train()
-        x_pub, y_pub = self.public()
+        x_pub, y_pub = self.public(ctx)
         y_pub = y_pub + self.public_label_offset
         if self.transfer_public_epochs > 0 and len(y_pub) > 0:
             out = self.scores(x_pub[:1].to(ctx.device)).shape[-1]
@@ -571,7 +558,7 @@ class FedMD(ClientModule):
                 )
         with torch.enable_grad():
             opt = torch.optim.Adam(net.parameters(), lr=self.transfer_lr)
-            for pos in self._public_batches(torch.arange(len(y_pub)), self.transfer_public_epochs):
+            for pos in self._public_batches(ctx, torch.arange(len(y_pub)), self.transfer_public_epochs):
                 x, y = x_pub[pos].to(ctx.device), y_pub[pos].to(ctx.device)
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(self.scores(x).float(), y).backward()
@@ -584,23 +571,21 @@ class FedMD(ClientModule):
         net.zero_grad(set_to_none=True)
         self._fresh = False
 
-    def digest(self, index: Tensor, consensus: Tensor) -> None:
-        """Fit the consensus logits on the public subset ``index`` (train mode).
+    def digest(self, ctx: ClientContext, index: Tensor, consensus: Tensor) -> None:
+        """Fit client ``ctx``'s network to the consensus logits on the public subset ``index`` (train mode).
 
         With ``persistent_digest_optimizer`` the Adam continues from ``round_state["digest_optimizer"]`` (the
         client's previous digest) and leaves its new state there; otherwise it is fresh.
         """
-        ctx = self.context
-        assert ctx is not None
         net = self.nets[self.active]
         net.train()
-        x_pub, _ = self.public()
+        x_pub, _ = self.public(ctx)
         index = index.cpu()
         with torch.enable_grad():
             opt = torch.optim.Adam(net.parameters(), lr=self.digest_lr)
             if self.persistent_digest_optimizer:
                 load_named_optimizer_state(opt, net, self.round_state.get("digest_optimizer", {}))
-            for pos in self._public_batches(index, self.digest_epochs):
+            for pos in self._public_batches(ctx, index, self.digest_epochs):
                 x = x_pub[index[pos]].to(ctx.device)
                 target = consensus[pos.to(consensus.device)].to(ctx.device)
                 opt.zero_grad(set_to_none=True)
@@ -612,13 +597,12 @@ class FedMD(ClientModule):
 
     # ------------------------------------------------------------------ evaluation
     @override
-    def personalize(self) -> None:
+    def personalize(self, ctx: ClientContext) -> None:
         """A client without a stored model (new, or never sampled) first runs transfer learning."""
         if self._fresh:
-            assert self.context is not None
             was_training = self.training
-            with torch.autocast(self.context.device.type, enabled=False):
-                self.transfer_learning()
+            with torch.autocast(ctx.device.type, enabled=False):
+                self.transfer_learning(ctx)
             self.train(was_training)
 
 

@@ -37,7 +37,7 @@ from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
-from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.client import ClientContext, ClientModule, FineTune, float_state, load_float_state
 from pflight.messages import Message
 from pflight.server import FederationInfo, Server, flatten_state, state_layout, unflatten_state
 from pflight.streams import Stream
@@ -295,7 +295,9 @@ class FedoraServer(Server):
                     f"`FedoraServer` needs a `pflight.algorithms.fedora.Fedora` client, got {type(client).__name__}:"
                     " use `class_path: pflight.algorithms.fedora.Fedora` for the client."
                 )
-            return client.signature(info.num_classes, labeled=labeled, rank=self.signature_rank).tensors["u"].cpu()
+            assert client.context is not None  # the request serves client k: its context is set
+            ctx = client.context
+            return client.signature(ctx, info.num_classes, labeled=labeled, rank=self.signature_rank).tensors["u"].cpu()
 
         return torch.stack([info.ask(k, sign, Stream.FEDORA_SIGNATURE) for k in ids])
 
@@ -406,12 +408,10 @@ class Fedora(ClientModule):
 
     Args:
         net: the target network (all clients share its initialization theta_0).
-        lr: local SGD learning rate ``eta`` (also the pull's step size).
+        lr: local SGD learning rate ``eta`` (also the pull's step size, even with another ``optimizer``).
         momentum: local SGD momentum (fresh each round; the pull bypasses it).
         weight_decay: local SGD weight decay (the pull bypasses it).
         local_epochs: passes over the train split per round.
-        local_steps: exactly this many local batches per round instead (None: epochs).
-        optimizer: a local optimizer other than SGD; the pull still uses ``lr``.
         tau: edge temperature ``exp(tau * s)`` (server).
         num_neighbors: ``m`` out-edges per client (server).
         alpha: propagation parameter of ``P`` (server).
@@ -423,6 +423,7 @@ class Fedora(ClientModule):
         absent: what a client that did not train this round contributes to the server's mix: its latest
             ``"personal"`` model (default) or its last ``"propagated"`` theta_hat (server; see
             :class:`FedoraServer`).
+        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
     """
 
     def __init__(
@@ -432,8 +433,7 @@ class Fedora(ClientModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-5,
         local_epochs: int = 5,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
+        *,
         tau: float = 10.0,
         num_neighbors: int = 2,
         alpha: float = 0.8,
@@ -443,8 +443,9 @@ class Fedora(ClientModule):
         new_client_labels: bool = True,
         new_client_epochs: int | None = None,
         absent: str = "personal",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        super().__init__(net, lr=lr, momentum=momentum, weight_decay=weight_decay, local_epochs=local_epochs, **kwargs)
         if absent not in ABSENT_MODES:
             raise ValueError(f"`Fedora(absent={absent!r})` is not valid: use one of {ABSENT_MODES}.")
         if lambda_divisor <= 0:
@@ -470,10 +471,9 @@ class Fedora(ClientModule):
             self.tau, self.num_neighbors, self.alpha, self.signature_rank, self.new_client_labels, self.absent
         )
 
-    def signature(self, num_classes: int, labeled: bool = True, rank: int = 1) -> Message:
-        """The one-time ``signature`` message of the current client (from its train split)."""
-        assert self.context is not None
-        x, y = self.context.full("train")  # tensors, whether the data is held in memory or read lazily
+    def signature(self, ctx: ClientContext, num_classes: int, labeled: bool = True, rank: int = 1) -> Message:
+        """The one-time ``signature`` message of client ``ctx`` (from its train split)."""
+        x, y = ctx.full("train")  # tensors, whether the data is held in memory or read lazily
         u = data_signature(x, y if labeled else None, num_classes, rank)
         return Message("signature", {"u": u}, n_samples=len(x))
 
@@ -500,26 +500,27 @@ class Fedora(ClientModule):
         return (float("nan"), float("nan")) if losses is None else (float(losses[0]), float(losses[1]))
 
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Keep theta_hat_k as the pull's target (the personal model comes from the client state)."""
-        device = self.context.device if self.context is not None else torch.device("cpu")
         if message is not None:
-            self.round_state["received"] = {k: v.to(device) for k, v in message.tensors.items()}
+            self.round_state["received"] = {k: v.to(ctx.device) for k, v in message.tensors.items()}
 
     @override
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
-        """Load the personal model theta_k (theta_0 before its first round)."""
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
+        """Load the personal model theta_k (theta_0 before its first round; a new client's: theta_hat_new)."""
+        if state is None and ctx.new_client and self.received:
+            load_float_state(self.net, self.received)
+            return
         load_float_state(self.net, state["weights"] if state is not None else self.initial_state())
 
     @torch.no_grad()
-    def validation_losses(self, split: str = "val") -> tuple[float, float]:
-        """Mean CE of the personal model and of theta_hat_k on ``split``, in eval mode and float32."""
-        assert self.context is not None
-        x, y = self.context.full(split)
+    def validation_losses(self, ctx: ClientContext, split: str = "val") -> tuple[float, float]:
+        """Mean CE of the personal model and of theta_hat_k on client ``ctx``'s ``split``, eval mode, float32."""
+        x, y = ctx.full(split)
         if len(y) == 0:
             raise ValueError(
                 "FEDORA's selective regularization compares validation losses, but client"
-                f" {self.context.client_id} has an empty `{split}` split: set `--data.val_fraction` > 0."
+                f" {ctx.client_id} has an empty `{split}` split: set `--data.val_fraction` > 0."
             )
         was_training = self.training
         self.eval()
@@ -530,11 +531,11 @@ class Fedora(ClientModule):
         return personal, received
 
     @override
-    def on_local_train_start(self) -> None:
+    def on_local_train_start(self, ctx: ClientContext) -> None:
         """Choose lambda_k from validation losses, before any local step."""
         if not self.received:
             raise ValueError("`Fedora` got no theta_hat from the server: use `FedoraServer` (the default).")
-        losses = self.validation_losses("val")
+        losses = self.validation_losses(ctx, "val")
         self.round_state["val_losses"] = torch.tensor(losses, dtype=torch.float64)
         self.lam = selective_lambda(*losses, divisor=self.lambda_divisor, max_lambda=self.max_lambda)
 
@@ -546,49 +547,35 @@ class Fedora(ClientModule):
         return fedora_pull(params, before, state["received"], self.lr, state["lam"])
 
     @override
-    def client_state(self) -> dict[str, Any]:
+    def client_state(self, ctx: ClientContext) -> dict[str, Any]:
         """The personal model."""
         return {"weights": float_state(self.net)}
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """The personal model, with lambda_k and both validation losses for logging."""
-        assert self.context is not None
         personal, received = self.val_losses
         metrics = {"lambda": self.lam, "val_loss_personal": personal, "val_loss_received": received}
-        return Message("weights", float_state(self.net), self.context.data.num_samples("train"), metrics)
+        return Message("weights", float_state(self.net), ctx.data.num_samples("train"), metrics)
 
     # ------------------------------------------------------------------ evaluation
     @override
-    def personalize(self) -> None:
-        """Seen clients: nothing, their personal model is evaluated. New clients: theta_hat_new, fine-tuned.
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
+        """Seen clients: none, their personal model is evaluated. A labeled new client: fine-tune theta_hat_new.
 
-        A new client starts at theta_hat_new and, with labels, fine-tunes it on its train split with
-        the selective-regularization pull.
+        A new client's model is theta_hat_new (:meth:`load_client_state`); with labels it fine-tunes it on its
+        train split by the local SGD with the selective-regularization pull (:meth:`after_local_step`). At the
+        start theta = theta_hat, so l_k = l_hat_k and the rule gives lambda = exp(0) = 1 (or ``max_lambda``).
         """
-        assert self.context is not None
-        if not self.context.new_client:
-            return
-        load_float_state(self.net, self.received)
         epochs = self.local_epochs if self.new_client_epochs is None else self.new_client_epochs
-        if not self.new_client_labels or epochs == 0:
-            return
-        # theta = theta_hat at the start, so l_k = l_hat_k and the rule gives exp(0) = 1
-        self.lam = selective_lambda(0.0, 0.0, self.lambda_divisor, self.max_lambda)
-        opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        was_training = self.training
-        self.net.train()
-        with torch.enable_grad(), torch.autocast(self.context.device.type, enabled=False):  # float32 adaptation
-            for x, y in self.context.batches("train", epochs=epochs):
-                before = float_state(self.net)
-                loss = self.training_step((x, y), 0).float()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    params = {n: t.detach() for n, t in self.params().items()}
-                    load_float_state(self.net, self.after_local_step(params, before, self.round_state))
-        self.net.train(was_training)
+        if not ctx.new_client or not self.new_client_labels or epochs == 0:
+            return None
+        lam = selective_lambda(0.0, 0.0, self.lambda_divisor, self.max_lambda)
+        return FineTune(
+            epochs=epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, loss=self.loss,
+            after_step=self.after_local_step,
+            state={"received": self.received, "lam": torch.tensor(lam, dtype=torch.float64)},
+        )  # fmt: skip
 
 
 __all__ = [

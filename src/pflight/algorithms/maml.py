@@ -11,7 +11,7 @@ inner loops, float32 inner math, the BatchNorm policy): :mod:`pflight.algorithms
 - :class:`MAML` (FOMAML with ``first_order``): uploads its mean meta-gradient; the server
   (:class:`FedMetaServer`) averages and steps Adam; evaluation runs the same inner steps on the support view.
 - :class:`MetaSGD`: as MAML, with a learned per-parameter inner learning rate α trained by the server
-  (sequential executor only: α lives outside the network).
+  (trained by the sequential executor only: α lives outside the network; evaluated by either).
 
 Deviations from FedMeta's Algorithm 1: the server steps Adam(``meta_lr``) on the mean meta-gradient by
 default (as the Flower baseline; plain SGD with ``server_optimizer``); the support loss is over a minibatch of
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pflight.algorithms.meta_base import GradientAccumulator, _device_type, _draw, support_query_split
+from pflight.algorithms.meta_base import GradientAccumulator, _draw, support_query_split
 from pflight.algorithms.meta_functional import adapt, copy_buffers, cross_entropy_loss, full_precision
 from pflight.client import (
     Batch,
@@ -217,27 +217,20 @@ class MAML(ClientModule):
         return self.inner_lr
 
     # ---------------------------------------------------------------- data
-    def support_query(self, ctx: ClientContext | None = None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """Client ``ctx``'s fixed support and query views of its train split, on its device (default: the current)."""
-        ctx = ctx if ctx is not None else self.context
-        if ctx is None:
-            raise RuntimeError(
-                f"`{type(self).__name__}.support_query()` needs a client context: run it in a federation."
-            )
+    def support_query(self, ctx: ClientContext) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Client ``ctx``'s fixed support and query views of its train split, on its device."""
         x, y = ctx.data.split("train")
         gen = torch.Generator().manual_seed(stream_seed(ctx.client_id, Stream.META_SUPPORT))
         s, q = support_query_split(len(y), self.support_fraction, gen)
         dev = ctx.device
         return (x[s].to(dev), y[s].to(dev)), (x[q].to(dev), y[q].to(dev))
 
-    def meta_batches(self, ctx: ClientContext | None = None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """A support batch of S and a query batch of Q (each whole when it fits in ``batch_size``).
+    def meta_batches(self, ctx: ClientContext) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """A support batch of S and a query batch of Q of client ``ctx`` (each whole when it fits in ``batch_size``).
 
-        Drawn from ``ctx.generator`` (default: the current client's context).
+        Drawn from ``ctx.generator``.
         """
-        ctx = ctx if ctx is not None else self.context
         (xs, ys), (xq, yq) = self.support_query(ctx)
-        assert ctx is not None
         size, gen = ctx.batch_size, ctx.generator
         return _draw(xs, ys, size, gen), _draw(xq, yq, size, gen)
 
@@ -249,7 +242,7 @@ class MAML(ClientModule):
 
     # ---------------------------------------------------------------- training
     @override
-    def on_local_train_start(self) -> None:
+    def on_local_train_start(self, ctx: ClientContext) -> None:
         """Start this client's statistics from the received ones (``round_state["stats"]``)."""
         self.round_state["stats"] = copy_buffers(self.net)
 
@@ -278,9 +271,8 @@ class MAML(ClientModule):
         return [n for n, p in self.net.named_parameters() if p.requires_grad]
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """The mean meta-gradient, plus ``received - client`` for each float buffer."""
-        assert self.context is not None
         acc = self._accumulator
         if acc is None or acc.num_steps() == 0:
             return None  # every step was skipped (non-finite 16-bit gradients): nothing to report
@@ -289,7 +281,7 @@ class MAML(ClientModule):
         for name, b in self.net.named_buffers():
             if b.is_floating_point() and name in stats:
                 tensors[name] = (b - stats[name]).detach()
-        return Message("gradient", tensors, n_samples=self.context.data.num_samples("train"))
+        return Message("gradient", tensors, n_samples=ctx.data.num_samples("train"))
 
     # ---------------------------------------------------------------- evaluation
     @override
@@ -316,40 +308,17 @@ class MetaSGD(MAML):
     to θ (global-state entries ``inner_lr/<parameter name>``, initialized to ``inner_lr``) and trains
     both with its optimizer. α may become negative, as Meta-SGD allows. Arguments as :class:`MAML`.
 
-    Its :meth:`~MAML.loss` is MAML's (α enters through :meth:`inner_lrs`), run by the sequential executor:
+    Its :meth:`~MAML.loss` is MAML's (α enters through :meth:`inner_lrs`), trained by the sequential executor:
     α is a parameter of the client module, outside the network, which the vectorized executor neither
-    stacks per client nor differentiates (:meth:`vectorized_reason`).
+    stacks per client nor differentiates (:meth:`vectorized_reason`). Its personalization is MAML's plan with
+    α as per-parameter learning rates, which every executor runs (vectorized evaluation included).
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        first_order: bool = False,
-        support_fraction: float = 0.2,
-        meta_lr: float = 1e-3,
-        weighted: bool = False,
-        server_optimizer: OptimizerCallable | None = None,
-        local_steps: int | None = 1,
-        local_epochs: int = 1,
-        eval_inner_steps: int | None = None,
-    ) -> None:
-        super().__init__(
-            net,
-            inner_lr,
-            inner_steps,
-            first_order,
-            support_fraction,
-            meta_lr,
-            weighted,
-            server_optimizer,
-            local_steps,
-            local_epochs,
-            eval_inner_steps,
-        )
+    def __init__(self, net: nn.Module, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
         self.param_names = [n for n, _ in net.named_parameters()]
-        self.alphas = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), inner_lr)) for p in net.parameters()])
+        alpha = self.inner_lr
+        self.alphas = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), alpha)) for p in net.parameters()])
 
     @override
     def vectorized_reason(self) -> str | None:
@@ -361,29 +330,15 @@ class MetaSGD(MAML):
         )
 
     @override
-    def personalize(self) -> None:
-        """The same inner steps of the learned α (float32) on a support batch; the adapted weights are loaded.
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
+        """MAML's plan (the same inner steps, first order, float32, on a support batch) at the learned α.
 
-        Per-parameter step sizes are not a plain fine-tuning plan: this runs client by client.
+        α is a learning rate per parameter, ``θ <- θ - α ⊙ ∇ℓ_S(θ)``: as data, the evaluation runs vectorized.
         """
-        if self.eval_inner_steps == 0:
-            return
-        (xs, ys), _ = self.meta_batches()
-        support = Batch(xs, ys)
-        lr = self.inner_lrs()
-        lr = {n: a.detach() for n, a in lr.items()} if isinstance(lr, dict) else lr
-        was_training = self.net.training
-        self.net.train()
-        stats = copy_buffers(self.net)
-
-        def support_loss(p: Mapping[str, Tensor]) -> Tensor:
-            return cross_entropy_loss(self.net, p, stats, support)
-
-        with torch.enable_grad(), full_precision(_device_type(self.net)):
-            start = {n: p.detach() for n, p in self.net.named_parameters()}
-            fast = adapt(support_loss, start, lr, self.eval_inner_steps, first_order=True)
-        load_float_state(self.net, {**{n: p.detach() for n, p in fast.items()}, **stats})
-        self.net.train(was_training)
+        plan = super().personalization_plan(ctx)
+        if plan is None:
+            return None
+        return replace(plan, lr={n: a.detach().clone() for n, a in self.inner_lrs().items()})
 
     @override
     def inner_lrs(self) -> dict[str, Tensor]:
@@ -406,7 +361,7 @@ class MetaSGD(MAML):
         }
 
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load θ into the network and α into the learning rates."""
         if message is None or message.kind != "weights":
             return

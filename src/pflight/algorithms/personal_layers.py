@@ -60,14 +60,7 @@ import torch  # noqa: F401  (used by the doctests)
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pflight.client import (
-    ClientContext,
-    ClientModule,
-    FineTune,
-    OptimizerCallable,
-    cross_entropy,
-    load_float_state,
-)
+from pflight.client import ClientContext, ClientModule, FineTune, cross_entropy, load_float_state
 from pflight.messages import Message
 from pflight.server import FedAvgServer, FederationInfo, Server
 
@@ -207,35 +200,18 @@ class PartialSharing(ClientModule):
     tensor, jointly) unless they override :meth:`loss`.
 
     Args:
-        net: the network.
-        lr: local learning rate (SGD).
-        momentum: local SGD momentum (fresh each round).
-        weight_decay: local weight decay.
-        local_epochs: passes over the local training split per round.
-        local_steps: if set, exactly this many local batches per round (overrides local_epochs).
-        optimizer: a local optimizer other than SGD.
         weighted: weight the server's mean by training-set size (False: uniform).
         new_client_epochs: at evaluation, a new client (no personal part yet) fine-tunes the whole network from
             the received shared part and theta_0's personal part for this many epochs of plain SGD (0: none).
+        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
 
     Attributes:
         shared_names: the state-dict entries uploaded and averaged.
         personal_names: the state-dict entries kept by each client.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        new_client_epochs: int = 5,
-    ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+    def __init__(self, net: nn.Module, *, weighted: bool = True, new_client_epochs: int = 5, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
         if new_client_epochs < 0:
             raise ValueError(f"`{type(self).__name__}(new_client_epochs={new_client_epochs})` must be >= 0.")
         self.weighted = weighted
@@ -257,28 +233,27 @@ class PartialSharing(ClientModule):
         return PartialFedAvgServer(self.shared_names, weighted=self.weighted)
 
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load the shared tensors of the server's message (a personal entry in it is ignored)."""
         if message is not None and message.kind == "weights":
             shared = set(self.shared_names)
             load_float_state(self.net, {n: t for n, t in message.tensors.items() if n in shared})
 
     @override
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
         """Load the personal tensors (theta_0's before the client's first round, and for a new client)."""
         personal = state["personal"] if state is not None else self.initial_state()
         load_float_state(self.net, {n: personal[n] for n in self.personal_names})
 
     @override
-    def client_state(self) -> dict[str, Any]:
+    def client_state(self, ctx: ClientContext) -> dict[str, Any]:
         """Keep the personal tensors."""
         return {"personal": self._entries(self.personal_names)}
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """The shared tensors only."""
-        assert self.context is not None
-        return Message("weights", self._entries(self.shared_names), n_samples=self.context.data.num_samples("train"))
+        return Message("weights", self._entries(self.shared_names), n_samples=ctx.data.num_samples("train"))
 
     @override
     def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
@@ -293,26 +268,13 @@ class HeadBodySharing(PartialSharing):
 
     Args:
         head_prefix: the module name(s) of the head in the network's state dict.
+        **kwargs: other arguments: as :class:`PartialSharing`.
     """
 
     shared_part = "body"  # "body" (FedPer) or "head" (LG-FedAvg)
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        new_client_epochs: int = 5,
-        head_prefix: str | list[str] = "head",
-    ) -> None:
-        super().__init__(
-            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, new_client_epochs
-        )
+    def __init__(self, net: nn.Module, *, head_prefix: str | list[str] = "head", **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
         self.head_prefix = head_prefix
         self.head_names, self.body_names = head_and_body(type(self).__name__, net, head_prefix)
         if self.shared_part == "body":
@@ -362,9 +324,13 @@ class FedRep(FedPer):
     is set to ``2 * (head_epochs + body_epochs)`` so that the pacing stream (two batches a step) lasts that long.
 
     Args:
+        lr: local learning rate (SGD).
+        momentum: local SGD momentum (fresh each round).
+        weight_decay: local weight decay.
         head_epochs: passes over the train split updating the head only (the paper's tau; 10 in the code).
         body_epochs: passes updating the body only (1 in the code).
-        head_prefix: the module name(s) of the personal head in the network's state dict.
+        **kwargs: other arguments: as :class:`FedPer` (``head_prefix``: the personal head), but ``local_epochs``
+            and ``local_steps``, which the two phases set.
     """
 
     batches_per_step = 2
@@ -375,12 +341,10 @@ class FedRep(FedPer):
         lr: float = 0.01,
         momentum: float = 0.5,
         weight_decay: float = 1e-4,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        new_client_epochs: int = 5,
-        head_prefix: str | list[str] = "head",
+        *,
         head_epochs: int = 10,
         body_epochs: int = 1,
+        **kwargs: Any,
     ) -> None:
         if head_epochs < 1 or body_epochs < 1:
             raise ValueError(
@@ -389,15 +353,12 @@ class FedRep(FedPer):
             )
         super().__init__(
             net,
-            lr,
-            momentum,
-            weight_decay,
-            2 * (head_epochs + body_epochs),
-            None,
-            optimizer,
-            weighted,
-            new_client_epochs,
-            head_prefix,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            local_epochs=2 * (head_epochs + body_epochs),
+            local_steps=None,
+            **kwargs,
         )
         self.head_epochs = head_epochs
         self.body_epochs = body_epochs
@@ -448,23 +409,11 @@ class FedBN(PartialSharing):
 
     Trained jointly by local SGD on cross-entropy. The network must have BatchNorm layers (e.g.
     ``pflight.models.CNN(norm="batch")``); it trains client by client (running statistics do not vectorize).
+    Arguments as :class:`PartialSharing`.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        weighted: bool = True,
-        new_client_epochs: int = 5,
-    ) -> None:
-        super().__init__(
-            net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer, weighted, new_client_epochs
-        )
+    def __init__(self, net: nn.Module, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
         local = batchnorm_entries(net)
         if not local:
             raise ValueError(
@@ -484,36 +433,26 @@ class FedBABU(ClientModule):
     (``finetune_epochs`` epochs, or ``finetune_steps`` steps, of plain SGD at ``finetune_lr``).
 
     Args:
-        net: the network.
-        lr: local learning rate of the body (SGD).
-        momentum: local SGD momentum (fresh each round).
-        weight_decay: local weight decay.
-        local_epochs: passes over the local training split per round.
-        local_steps: if set, exactly this many local batches per round (overrides local_epochs).
-        optimizer: a local optimizer other than SGD.
         weighted: weight the server's mean by training-set size (False: uniform, as the code).
         head_prefix: the module name(s) of the head in the network's state dict.
         finetune_epochs: fine-tuning passes at evaluation (the paper's tau_f, 5).
         finetune_steps: fine-tuning steps instead (used when > 0).
         finetune_lr: the fine-tuning learning rate (None: ``lr``).
+        **kwargs: other arguments: as :class:`~pflight.client.ClientModule` (``lr``: the body's).
     """
 
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
+        *,
         weighted: bool = True,
         head_prefix: str | list[str] = "head",
         finetune_epochs: int = 5,
         finetune_steps: int = 0,
         finetune_lr: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        super().__init__(net, **kwargs)
         if finetune_epochs < 0 or finetune_steps < 0:
             raise ValueError(
                 f"`FedBABU(finetune_epochs={finetune_epochs}, finetune_steps={finetune_steps})` must be >= 0."
@@ -540,12 +479,11 @@ class FedBABU(ClientModule):
         return {**params, **{n: before[n] for n in self.head_names}}
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """The body only (the head is the same on every client)."""
-        assert self.context is not None
         own = self.net.state_dict()
         body = {n: own[n].detach().clone() for n in self.body_names}
-        return Message("weights", body, n_samples=self.context.data.num_samples("train"))
+        return Message("weights", body, n_samples=ctx.data.num_samples("train"))
 
     @override
     def personalization_plan(self, ctx: ClientContext) -> FineTune | None:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
-from pflight.client import ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.client import ClientContext, ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
 from pflight.server import FederationInfo, Server, load_optimizer_state
 from pflight.streams import Stream, stream_seed
@@ -331,7 +331,8 @@ class PFedHNServer(Server):
                         "`PFedHNServer` fits new clients through a `pflight.algorithms.pfedhn.PFedHN` client, got"
                         f" {type(client).__name__}: use `class_path: pflight.algorithms.pfedhn.PFedHN`."
                     )
-                return client.local_update(weights)
+                assert client.context is not None  # the request serves the new client: its context is set
+                return client.local_update(client.context, weights)
 
             return info.ask(client_id, run)  # in the context the new client is being evaluated in
 
@@ -538,7 +539,7 @@ class PFedHN(ClientModule):
 
     # ------------------------------------------------------------------ round hooks
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load the generated weights theta_i = h(v_i; phi)."""
         if message is None:
             raise ValueError("`PFedHN` got no generated weights: use `PFedHNServer` (the default server).")
@@ -546,7 +547,7 @@ class PFedHN(ClientModule):
         self.generated = {k: v.detach().clone() for k, v in message.tensors.items()}
 
     @override
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
         """PC: the private head and its optimizer state.
 
         The first time: the client's initial head (:meth:`private_initial_state`); a new client keeps the head
@@ -554,8 +555,6 @@ class PFedHN(ClientModule):
         """
         if not self.private_prefixes:
             return
-        ctx = self.context
-        assert ctx is not None
         if state is not None:
             load_float_state(self.net, state["private"])
             self._private_optimizer_state = dict(state.get("optimizer", {}))
@@ -568,7 +567,7 @@ class PFedHN(ClientModule):
         self._private_optimizer_state = {}
 
     @override
-    def on_local_train_start(self) -> None:
+    def on_local_train_start(self, ctx: ClientContext) -> None:
         """PC: restore the private head's optimizer state (the federation cleared every optimizer's state)."""
         if self._private_optimizer is None or not self._private_optimizer_state:
             return
@@ -599,7 +598,7 @@ class PFedHN(ClientModule):
             torch.nn.utils.clip_grad_norm_(shared, self.inner_grad_clip)
 
     @override
-    def client_state(self) -> dict[str, Any] | None:
+    def client_state(self, ctx: ClientContext) -> dict[str, Any] | None:
         """PC: the private head and its (persistent) optimizer state, e.g. SGD's momentum buffers."""
         if not self.private_prefixes:
             return None
@@ -612,24 +611,21 @@ class PFedHN(ClientModule):
         return {"private": self._private_state(), "optimizer": optimizer_state}
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """The trained generated tensors theta~_i (the server forms the delta)."""
-        assert self.context is not None
         own = self.net.state_dict()
         trained = {k: own[k].detach().clone() for k in self.generated}
         delta = sum(float((self.generated[k] - trained[k]).pow(2).sum()) for k in trained)
         metrics = {"delta_norm": math.sqrt(delta)}
-        return Message("weights", trained, self.context.data.num_samples("train"), metrics)
+        return Message("weights", trained, ctx.data.num_samples("train"), metrics)
 
     # ------------------------------------------------------------------ new clients
-    def local_update(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """One inner loop from ``weights`` on the current client's train split; the trained tensors.
+    def local_update(self, ctx: ClientContext, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """One inner loop from ``weights`` on client ``ctx``'s train split; the trained tensors.
 
         Used by the server to fit a new client's embedding; a PC client's private head starts from
         its initial head (:meth:`private_initial_state`) and keeps training across the calls for the same client.
         """
-        assert self.context is not None
-        ctx = self.context
         if self.private_prefixes and (self._adapted is None or self._adapted[0] != ctx.client_id):
             initial = self.private_initial_state(ctx.client_id, ctx.seed)
             self._adapted = (ctx.client_id, initial)

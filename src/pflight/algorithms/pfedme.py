@@ -25,6 +25,8 @@ With the warm start both return the solved ``theta`` under the ``state`` key, wh
 Evaluation ("pFedMe (PM)", the paper's personalized model): every client, seen or new, solves its own inner
 problem anchored at the current global model on its train split (``eval_batches`` minibatches, K steps each,
 ``theta`` carried across them) and is evaluated at ``theta_hat_i(w)``; ``global_acc`` is "pFedMe (GM)", ``w``.
+The solve is a :class:`~pflight.client.FineTune` plan (SGD on the cross-entropy plus ``(lam/2)||theta - w||^2``,
+``personal_steps`` steps a batch), so both executors run it and the vectorized one personalizes many clients at once.
 
 Defaults are the authors' code (``CharlieDinh/pFedMe``, ``main.py``): lambda 15, K 5, personal_lr 0.09, eta 0.005,
 beta 1, R = 20 local steps. Deliberate deviations from the paper and that code:
@@ -58,15 +60,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from pflight.algorithms.meta_functional import full_precision, gradient, upcast
-from pflight.client import (
-    Batch,
-    ClientModule,
-    OptimizerCallable,
-    as_batch,
-    cross_entropy,
-    load_float_state,
-    proximal_term,
-)
+from pflight.client import Batch, ClientContext, ClientModule, FineTune, as_batch, cross_entropy, proximal_term
 from pflight.server import FedAvgServer, Server
 
 
@@ -157,12 +151,10 @@ class PFedMe(ClientModule):
 
     Args:
         net: the network (no BatchNorm running statistics).
-        lr: the local learning rate eta of ``w_i <- w_i - eta * lam * (w_i - theta)`` (SGD).
-        momentum: local SGD momentum (0 in the paper).
-        weight_decay: local SGD weight decay on ``w_i`` (0 in the paper).
-        local_epochs: with ``local_steps=None``, R is the number of batches in this many passes.
-        local_steps: R, the local steps per round (one minibatch each; the code's ``local_epochs``).
-        optimizer: a local optimizer other than SGD (its step replaces ``w_i - eta * gradient``).
+        lr: the local learning rate eta of ``w_i <- w_i - eta * lam * (w_i - theta)`` (SGD; ``momentum`` and
+            ``weight_decay`` on ``w_i`` are 0 in the paper; another ``optimizer``'s step replaces it).
+        local_steps: R, the local steps per round (one minibatch each; the code's ``local_epochs``; None: the
+            batches in ``local_epochs`` passes).
         lam: lambda, the weight of ``(lam/2)||theta - w||^2``.
         personal_lr: the inner step size (the code's ``personal_learning_rate``).
         personal_steps: K, inner steps per local step, on the same minibatch.
@@ -172,17 +164,15 @@ class PFedMe(ClientModule):
         warm_start: start each inner solve at the previous one's theta (the code), else at ``w_i``.
         eval_batches: minibatches of the inner solve at evaluation (None: as many as a round's local steps;
             0: evaluate the global model itself).
+        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
     """
 
     def __init__(
         self,
         net: nn.Module,
         lr: float = 0.005,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
+        *,
         local_steps: int | None = 20,
-        optimizer: OptimizerCallable | None = None,
         lam: float = 15.0,
         personal_lr: float = 0.09,
         personal_steps: int = 5,
@@ -191,8 +181,9 @@ class PFedMe(ClientModule):
         weighted: bool = True,
         warm_start: bool = True,
         eval_batches: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        super().__init__(net, lr=lr, local_steps=local_steps, **kwargs)
         if not lam > 0:
             raise ValueError(f"`PFedMe(lam={lam})` must be > 0: it weighs (lam/2)||theta - w||^2.")
         if not personal_lr > 0:
@@ -280,7 +271,7 @@ class PFedMe(ClientModule):
         return {"loss": loss, "personal_loss": personal}, theta
 
     @override
-    def on_local_train_start(self) -> None:
+    def on_local_train_start(self, ctx: ClientContext) -> None:
         """With ``warm_start``, the round's first inner solve starts at the received ``w^t``."""
         if self.warm_start:
             self.round_state["theta"] = {
@@ -311,28 +302,25 @@ class PFedMe(ClientModule):
 
     # ------------------------------------------------------------------ evaluation
     @override
-    def personalize(self) -> None:
+    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
         """theta_hat(w) of the received global model on the train split: the inner solve over ``eval_batches``.
 
-        ``theta`` is carried from batch to batch (the anchor ``w`` does not move at evaluation), float32, train mode.
+        ``personal_steps`` steps a batch of SGD (``personal_lr``, weight decay ``personal_weight_decay``) on
+        ``f(theta; batch) + (lam/2)||theta - w||^2``, which are :func:`moreau_inner_solve`'s steps, ``theta`` carried
+        from batch to batch and the anchor ``w`` fixed (float32, train mode); as data, the evaluation runs
+        vectorized.
         """
-        assert self.context is not None
         if self.eval_batches == 0:
-            return
-        w = {n: t.detach().clone() for n, t in self.params().items()}
+            return None
         if self.eval_batches is None:
-            batches = self.context.batches("train", epochs=self.local_epochs, steps=self.local_steps)
+            steps, epochs = self.local_steps or 0, self.local_epochs
         else:
-            batches = self.context.batches("train", steps=self.eval_batches)
-        theta: dict[str, Tensor] | None = None
-        was_training = self.net.training
-        self.net.train()
-        with torch.enable_grad():
-            for x, y in batches:
-                theta = self.personal_model(w, Batch(x, y), theta, functional=False)
-        self.net.train(was_training)
-        if theta is not None:
-            load_float_state(self.net, theta)
+            steps, epochs = self.eval_batches, 0
+        anchor = {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad}
+        return FineTune(
+            steps=steps, epochs=epochs, lr=self.personal_lr, repeat=self.personal_steps,
+            weight_decay=self.personal_weight_decay, proximal_mu=self.lam, state={"anchor": anchor},
+        )  # fmt: skip
 
 
 __all__ = ["PFedMe", "PFedMeServer", "autograd_grad", "beta_mix", "moreau_inner_solve"]

@@ -151,14 +151,10 @@ class Reptile(ClientModule):
 
     BatchNorm: local training updates the local model's statistics, uploaded in Δ like the weights.
 
+    The k inner steps are the local steps (``local_steps``, or the batches of ``local_epochs``), of SGD or of
+    another local ``optimizer``, e.g. ``torch.optim.Adam`` with ``betas: [0.0, 0.999]``.
+
     Args:
-        net: the network.
-        lr: local SGD learning rate.
-        momentum: local SGD momentum.
-        weight_decay: local weight decay.
-        local_epochs: local passes over the train split (k inner steps = the batches in them).
-        local_steps: exactly this many local steps k (overrides ``local_epochs``).
-        optimizer: a local optimizer other than SGD, e.g. ``torch.optim.Adam`` with ``betas: [0.0, 0.999]``.
         epsilon: the outer step size ε.
         weighted: server mean weighted by training-set size (False: uniform).
         server_optimizer: optional server optimizer on ``−mean Δ`` (then leave ε at 1).
@@ -166,17 +162,13 @@ class Reptile(ClientModule):
         finetune_steps: SGD steps at evaluation.
         finetune_epochs: passes over the train split at evaluation (used when ``finetune_steps`` is 0).
         finetune_lr: fine-tuning learning rate (None: ``lr``).
+        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        local_steps: int | None = None,
-        optimizer: OptimizerCallable | None = None,
+        *,
         epsilon: float = 1.0,
         weighted: bool = False,
         server_optimizer: OptimizerCallable | None = None,
@@ -184,8 +176,9 @@ class Reptile(ClientModule):
         finetune_steps: int = 10,
         finetune_epochs: int = 0,
         finetune_lr: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(net, lr, momentum, weight_decay, local_epochs, local_steps, optimizer)
+        super().__init__(net, **kwargs)
         name = type(self).__name__
         if not epsilon > 0:
             raise ValueError(f"`{name}(epsilon={epsilon})` must be > 0.")
@@ -209,13 +202,13 @@ class Reptile(ClientModule):
         return ReptileServer(self.epsilon, self.weighted, self.server_optimizer)
 
     @override
-    def receive(self, message: Message | None) -> None:
+    def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load φ and keep it to form Δ."""
-        super().receive(message)
+        super().receive(message, ctx)
         self.round_state["phi"] = float_state(self.net)
 
     @override
-    def load_client_state(self, state: Mapping[str, Any] | None) -> None:
+    def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
         """The local optimizer state of the client's last round (with ``persist_optimizer_state``)."""
         self._saved_optimizer = state.get("optimizer") if state is not None else None
         self._used_optimizer = None
@@ -246,20 +239,19 @@ class Reptile(ClientModule):
         opt.zero_grad(set_to_none=True)
 
     @override
-    def client_state(self) -> dict[str, Any] | None:
+    def client_state(self, ctx: ClientContext) -> dict[str, Any] | None:
         """The local optimizer state, when it persists."""
         if not self.persists() or self._used_optimizer is None:
             return None if self._saved_optimizer is None else {"optimizer": self._saved_optimizer}
         return {"optimizer": self._used_optimizer.state_dict()}
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """Δ = W − φ for every float state entry."""
-        assert self.context is not None
         now = float_state(self.net)
         phi = self.round_state["phi"]
         delta = {n: now[n] - phi[n] for n in now}
-        return Message("delta", delta, n_samples=self.context.data.num_samples("train"))
+        return Message("delta", delta, n_samples=ctx.data.num_samples("train"))
 
     @override
     def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
@@ -342,9 +334,10 @@ class PersonalizedFedAvg(Reptile):
         self.reptile_server_optimizer = reptile_server_optimizer
         self.budgets = {1: (local_epochs, local_steps), 2: (reptile_epochs, reptile_steps)}
 
-    def stage(self) -> int:
-        """1 (FedAvg) before ``switch_round``, else 2 (Reptile)."""
-        round_idx = self.context.round_idx if self.context is not None else 0
+    def stage(self, ctx: ClientContext | None = None) -> int:
+        """1 (FedAvg) before ``switch_round``, else 2 (Reptile), in client ``ctx``'s round (None: the served one's)."""
+        ctx = ctx if ctx is not None else self.context
+        round_idx = ctx.round_idx if ctx is not None else 0
         return 1 if round_idx < self.switch_round else 2
 
     @override
@@ -369,9 +362,9 @@ class PersonalizedFedAvg(Reptile):
         return [torch.optim.SGD(params, lr=self.lr), reptile]
 
     @override
-    def on_local_train_start(self) -> None:
+    def on_local_train_start(self, ctx: ClientContext) -> None:
         """Set this round's local budget: stage 1 epochs E, stage 2 Reptile's K."""
-        self.local_epochs, self.local_steps = self.budgets[self.stage()]
+        self.local_epochs, self.local_steps = self.budgets[self.stage(ctx)]
 
     @override
     def persists(self) -> bool:
@@ -384,12 +377,11 @@ class PersonalizedFedAvg(Reptile):
         return optimizers[self.stage() - 1]
 
     @override
-    def upload(self) -> Message | None:
+    def upload(self, ctx: ClientContext) -> Message | None:
         """Stage 1 the weights, stage 2 Δ."""
-        if self.stage() == 1:
-            assert self.context is not None
-            return Message("weights", float_state(self.net), n_samples=self.context.data.num_samples("train"))
-        return super().upload()
+        if self.stage(ctx) == 1:
+            return Message("weights", float_state(self.net), n_samples=ctx.data.num_samples("train"))
+        return super().upload(ctx)
 
 
 __all__ = ["PersonalizedFedAvg", "PersonalizedFedAvgServer", "Reptile", "ReptileServer", "reptile_update"]

@@ -4,6 +4,11 @@ Clients' data never leave their :class:`ClientData`; the federation asks for bat
 at a time, in an order seeded by ``(seed, round, client)`` so that results do not depend on how many
 processes run the clients, nor in which order.
 
+A client's splits are materialized lazily: ``setup`` keeps the source's samples (the pool) and, per client and split,
+the rows it holds; :meth:`FederatedDataModule.client_data` copies client ``k``'s rows out of the pool on first access
+and keeps them until :meth:`FederatedDataModule.release`, so a process holds the splits of the clients it serves,
+and any process can serve any client.
+
 A split's inputs are a tensor, or a :class:`~pflight.data.torch_dataset.LazyInputs` (a source that reads its
 samples a batch at a time, such as :class:`~pflight.data.TorchDataset`, or a split seen through a transform):
 indexing either gives a tensor. Per-split transforms (``train_transform``, ``eval_transform``) run per sample on
@@ -14,7 +19,8 @@ the fly; the train transform's random draws are seeded per batch from the client
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -192,9 +198,48 @@ class _Once(Dataset):
         return self.ids
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Where one client's splits come from: rows of ``x`` and ``y`` (sorted, per split), or a test split of its own.
+
+    ``x`` and ``y`` are the source's samples (the pool, shared by every client) or, for a natural source without a
+    public pool, the client's own tensors; nothing is copied until the client is built.
+    """
+
+    x: Inputs
+    y: Tensor
+    rows: dict[str, np.ndarray]  # split -> rows of x and y (the test split's unused when ``test`` is given)
+    test: tuple[Tensor, Tensor] | None = None
+
+
+class _Clients(Sequence[ClientData]):
+    """Every client of a data module, built on access (see :attr:`FederatedDataModule.clients`)."""
+
+    def __init__(self, data: FederatedDataModule) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data._plans)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[k] for k in range(len(self))[index]]
+        k = range(len(self))[index]  # negative indices as a list's, IndexError past the end
+        client = self.data._materialized.get(k)
+        return client if client is not None else self.data._build(k)
+
+
 def _only(items: list[Tensor]) -> Tensor:
     """Collate a batch of one item into the item."""
     return items[0]
+
+
+def _array(t: Tensor) -> np.ndarray | Tensor:
+    """``t`` as a numpy array sharing its memory, or ``t`` itself where numpy has no such dtype (bfloat16)."""
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):
+        return t
 
 
 def _take(t: Inputs, idx: np.ndarray) -> Inputs:
@@ -225,6 +270,12 @@ class FederatedDataModule(pl.LightningDataModule):
     Each loader yields one item per epoch, the tensor of client ids of that stage: a training epoch
     is one communication round, and the federation fetches client batches through
     :meth:`client_data`.
+
+    Splits are materialized lazily, so that a process holds the clients it serves: ``setup`` loads the source
+    (the pool stays loaded) and draws each client's rows; :meth:`client_data` copies a client's splits out of the
+    pool on first access and keeps them, :meth:`release` drops the clients a process no longer serves, and
+    :meth:`num_samples` reads a split's size without copying anything. The splits are those an eager copy at
+    ``setup`` would give, bit for bit, whichever process builds them and when.
 
     Transforms: ``train_transform`` is the input pipeline of local training's batches (the train split's
     batches that :meth:`ClientContext.batches <pflight.client.ClientContext.batches>` gives while a client
@@ -310,7 +361,8 @@ class FederatedDataModule(pl.LightningDataModule):
         self.public_fraction = public_fraction
         self.batch_size = batch_size
         self.seed = seed
-        self.clients: list[ClientData] = []
+        self._plans: list[_Plan] = []  # per client: where its splits come from (setup)
+        self._materialized: dict[int, ClientData] = {}  # the clients built so far (client_data), by id
         self.public: tuple[Inputs, Tensor] | None = None
         self.train_clients: list[int] = []
         self.new_clients: list[int] = []
@@ -324,8 +376,12 @@ class FederatedDataModule(pl.LightningDataModule):
         self.source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        """Called by the Trainer on every process: build the clients once (deterministic)."""
-        if self.clients:
+        """Called by the Trainer on every process: plan every client's splits once (deterministic, nothing copied).
+
+        Loads the source, partitions it and draws each client's train/val/test rows; the splits themselves are
+        copied out of the source's samples when :meth:`client_data` first asks for a client.
+        """
+        if self._plans:
             return
         if self.source.natural:
             # a source with its own test split hands it over; only its training part is split further
@@ -346,19 +402,12 @@ class FederatedDataModule(pl.LightningDataModule):
                 public_idx, keep = self._public_split(pool_y.numpy(), np.arange(offsets[-1]))
                 self.public = (pool_x[public_idx], pool_y[public_idx])
                 bounds = np.searchsorted(keep, offsets)  # keep is sorted: client k keeps keep[bounds[k]:bounds[k+1]]
-                self.clients = [
-                    self._make_client(k, pool_x, pool_y, keep[bounds[k] : bounds[k + 1]], tests[k])
+                plans = [
+                    self._plan(k, pool_x, pool_y, keep[bounds[k] : bounds[k + 1]], tests[k])
                     for k in range(self.num_clients)
                 ]
-            else:
-                # each client splits its own tensors: no pool to concatenate, and a client's source
-                # tensors are freed as soon as its splits exist, so memory peaks near one copy
-                self.clients = []
-                for k in range(self.num_clients):
-                    x, y = parts[k]
-                    parts[k] = None
-                    self.clients.append(self._make_client(k, x, y, np.arange(len(y)), tests[k]))
-                    tests[k] = None
+            else:  # each client's rows are rows of its own tensors, which stay as the source gave them
+                plans = [self._plan(k, x, y, np.arange(len(y)), tests[k]) for k, (x, y) in enumerate(parts)]
         else:
             pool_x, pool_y = self.source.load()  # inputs: a tensor, or LazyInputs read a batch at a time
             self.num_classes = self.source.num_classes  # a source may learn its classes on loading
@@ -372,7 +421,7 @@ class FederatedDataModule(pl.LightningDataModule):
             extra = {"columns": {n: np.asarray(self.source.column(n))[idx_all] for n in needed}} if needed else {}
             parts = self.partitioner.partition(labels[idx_all], self.num_clients, self.seed, **extra)
             self.input_shape = tuple(pool_x.shape[1:])
-            self.clients = [self._make_client(k, pool_x, pool_y, idx_all[p]) for k, p in enumerate(parts)]
+            plans = [self._plan(k, pool_x, pool_y, idx_all[p]) for k, p in enumerate(parts)]
         num_new = int(round(self.new_client_fraction * self.num_clients))
         if num_new >= self.num_clients:
             raise ValueError(
@@ -383,16 +432,47 @@ class FederatedDataModule(pl.LightningDataModule):
         new = set(rng.choice(self.num_clients, size=num_new, replace=False).tolist()) if num_new else set()
         self.new_clients = sorted(new)
         self.train_clients = [k for k in range(self.num_clients) if k not in new]
+        self._plans = plans
+        self._materialized.clear()
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        """A hash of every client's splits: each tensor's first 4096 bytes and shape, a lazy split's sample indices.
+
+        Only those first bytes are copied out of the pool; a client whose inputs a partitioner shifts
+        (:meth:`~pflight.data.Partitioner.transform`, which may depend on the whole split) is built, hashed and
+        dropped.
+        """
         digest = hashlib.sha256()
-        for c in self.clients:
-            for t in (*c.train, *c.val, *c.test):
-                if isinstance(t, LazyInputs):  # identified by its sample indices: reading samples is not setup's job
-                    digest.update(t.indices.tobytes())
+
+        def tensor(t: Tensor | np.ndarray, shape: tuple[int, ...]) -> None:
+            # the first 4096 bytes of the tensor, read in place (tobytes() would copy it whole)
+            a = t.numpy() if isinstance(t, Tensor) else t
+            digest.update(a.reshape(-1).view(np.uint8)[:4096].tobytes())
+            digest.update(str(shape).encode())
+
+        def rows(t: Inputs, idx: np.ndarray) -> None:
+            if isinstance(t, LazyInputs):  # identified by its sample indices: reading samples is not setup's job
+                digest.update(t.indices[idx].tobytes())
+                return
+            row_bytes = t.element_size() * math.prod(t.shape[1:])
+            head = idx[: len(idx) if row_bytes == 0 else -(-4096 // row_bytes)]  # the rows of the first 4096 bytes
+            tensor(t.numpy()[head], (len(idx), *t.shape[1:]))
+
+        for k, plan in enumerate(self._plans):
+            if self._shifts and isinstance(plan.x, Tensor):
+                client = self._build(k)
+                for t in (*client.train, *client.val, *client.test):
+                    tensor(t, tuple(t.shape))
+                continue
+            for name in SPLITS:
+                if name == "test" and plan.test is not None:
+                    for t in plan.test:
+                        tensor(t.contiguous(), tuple(t.shape))
                     continue
-                # the first 4096 bytes of each tensor, read in place (tobytes() would copy it whole)
-                digest.update(t.numpy().reshape(-1).view(np.uint8)[:4096].tobytes())
-                digest.update(str(tuple(t.shape)).encode())
-        self.fingerprint = digest.hexdigest()[:16]
+                rows(plan.x, plan.rows[name])
+                rows(plan.y, plan.rows[name])
+        return digest.hexdigest()[:16]
 
     def _public_split(self, labels: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(stream_seed(self.seed, Stream.PUBLIC_POOL))
@@ -404,14 +484,8 @@ class FederatedDataModule(pl.LightningDataModule):
             keep.append(members[cut:])
         return np.sort(np.concatenate(public)), np.sort(np.concatenate(keep))
 
-    def _make_client(
-        self, k: int, x: Inputs, y: Tensor, idx: np.ndarray, test: tuple[Tensor, Tensor] | None = None
-    ) -> ClientData:
-        """Client ``k``'s splits of rows ``idx``; a given ``test`` split is kept and only val is carved from ``idx``.
-
-        A partitioner's input shift (:meth:`~pflight.data.Partitioner.transform`) is applied to a split's tensor
-        at once, and to lazily read inputs per sample as they are read.
-        """
+    def _plan(self, k: int, x: Inputs, y: Tensor, idx: np.ndarray, test: tuple[Tensor, Tensor] | None = None) -> _Plan:
+        """Client ``k``'s split rows among rows ``idx`` of ``(x, y)``; a given ``test`` split is kept, val carved."""
         n = len(idx)
         test_fraction = 0.0 if test is not None else self.test_fraction
         n_val = int(round(self.val_fraction * n))
@@ -435,28 +509,123 @@ class FederatedDataModule(pl.LightningDataModule):
         # a permutation of ``idx`` draws only by its length, so a natural client's local indices
         # (0..n-1) are shuffled exactly as its offsets in the concatenated pool were
         perm = np.random.default_rng(stream_seed(self.seed, Stream.CLIENT_SPLIT, k)).permutation(idx)
-        parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
-        splits = {}
-        shifts = type(self.partitioner).transform is not Partitioner.transform and not self.source.natural
-        for name, part in parts.items():
-            t = np.sort(part)
-            xs = _take(x, t)
-            if isinstance(xs, LazyInputs):
-                xs = xs.with_transform(_SampleShift(self.partitioner, k, self.num_clients)) if shifts else xs
-            else:
-                xs = self.partitioner.transform(k, self.num_clients, xs) if not self.source.natural else xs
-                xs = xs.contiguous()
-            splits[name] = (xs, _take(y, t))
-        if test is not None:
-            splits["test"] = (test[0].contiguous(), test[1].contiguous())
+        rows = {
+            "train": np.sort(perm[n_test + n_val :]),
+            "val": np.sort(perm[n_test : n_test + n_val]),
+            "test": np.sort(perm[:n_test]),
+        }
+        return _Plan(x, y, rows, test)
+
+    @property
+    def _shifts(self) -> bool:
+        """Whether the partitioner shifts each client's inputs (:meth:`~pflight.data.Partitioner.transform`)."""
+        return type(self.partitioner).transform is not Partitioner.transform and not self.source.natural
+
+    def _build(self, k: int) -> ClientData:
+        """Client ``k``'s splits, copied out of its plan's rows (lazily read inputs: lazy views of those rows)."""
+        splits = {name: self._split(k, name) for name in SPLITS}
         return ClientData(k, splits["train"], splits["val"], splits["test"], self.train_transform, self.eval_transform)
+
+    def _split(self, k: int, name: str) -> tuple[Inputs, Tensor]:
+        """Client ``k``'s split ``name``: its rows copied out of the plan's samples, inputs shifted by the partitioner.
+
+        A partitioner's input shift (:meth:`~pflight.data.Partitioner.transform`) is applied to a split's tensor
+        at once, and to lazily read inputs per sample as they are read.
+        """
+        plan = self._plans[k]
+        if name == "test" and plan.test is not None:
+            return plan.test[0].contiguous(), plan.test[1].contiguous()
+        rows = plan.rows[name]
+        xs = _take(plan.x, rows)
+        if isinstance(xs, LazyInputs):
+            xs = xs.with_transform(_SampleShift(self.partitioner, k, self.num_clients)) if self._shifts else xs
+        else:
+            xs = self.partitioner.transform(k, self.num_clients, xs) if not self.source.natural else xs
+            xs = xs.contiguous()
+        return xs, _take(plan.y, rows)
 
     # ------------------------------------------------------------------ access
     def client_data(self, client_id: int) -> ClientData:
-        """Client ``client_id``'s splits."""
-        if not self.clients:
+        """Client ``client_id``'s splits: materialized on first access, then kept until :meth:`release`."""
+        if not self._plans:
             self.setup()
-        return self.clients[client_id]
+        k = self._check_client(client_id, "client_data")
+        client = self._materialized.get(k)
+        if client is None:
+            client = self._materialized[k] = self._build(k)
+        return client
+
+    def num_samples(self, client_id: int, split: str = "train") -> int:
+        """The number of samples in client ``client_id``'s split ``split``, without materializing the client."""
+        if split not in SPLITS:
+            raise ValueError(f"`num_samples(split={split!r})` is not a client split: use one of {SPLITS}.")
+        if not self._plans:
+            self.setup()
+        plan = self._plans[self._check_client(client_id, "num_samples")]
+        return len(plan.test[1]) if split == "test" and plan.test is not None else len(plan.rows[split])
+
+    def release(self, keep: Iterable[int] = ()) -> None:
+        """Drop the materialized splits of every client not in ``keep`` (they are rebuilt if asked for again).
+
+        Called with the clients a process serves, so that its memory follows them: the source's samples stay
+        loaded, only the per-client copies go.
+        """
+        kept = {int(k) for k in keep}
+        for k in [k for k in self._materialized if k not in kept]:
+            del self._materialized[k]
+
+    def stacked(self, split: str = "train", padding: int = 0) -> tuple[Tensor, Tensor, list[int]]:
+        """Every client's split ``split`` in one tensor, client after client, and the row where each client starts.
+
+        For executors that gather batches of many clients at once (inputs as they are, without ``eval_transform``):
+        copied one client at a time, without materializing any client; the rows equal
+        ``client_data(k).split(split)``'s, followed by ``padding`` rows of zeros (where padded batch slots point).
+        Needs splits in memory (:meth:`vectorized_reason`).
+        """
+        if split not in SPLITS:
+            raise ValueError(f"`stacked(split={split!r})` is not a client split: use one of {SPLITS}.")
+        if padding < 0:
+            raise ValueError(f"`stacked(padding={padding})` must be >= 0 (the number of zero rows appended).")
+        if not self._plans:
+            self.setup()
+        if not all(isinstance(plan.x, Tensor) for plan in self._plans):
+            raise ValueError(
+                f"`stacked(split={split!r})`: the data source `{type(self.source).__name__}` reads its samples a"
+                " batch at a time, so its splits cannot be stacked in memory: read them with `client_data(k)`."
+            )
+        sizes = [self.num_samples(k, split) for k in range(len(self._plans))]
+        offsets = np.cumsum([0, *sizes]).tolist()
+        first = self._split(0, split)
+        x = first[0].new_zeros(offsets[-1] + padding, *first[0].shape[1:])
+        y = first[1].new_zeros(offsets[-1] + padding, *first[1].shape[1:])
+        x_out, y_out = _array(x), _array(y)  # copies by numpy: torch's cost a call is more than a small client's copy
+        for k in range(len(self._plans)):
+            xs, ys = first if k == 0 else self._split(k, split)
+            x_out[offsets[k] : offsets[k + 1]] = _array(xs)
+            y_out[offsets[k] : offsets[k + 1]] = _array(ys)
+        return x, y, offsets[:-1]
+
+    @property
+    def materialized(self) -> list[int]:
+        """The ids of the clients whose splits are materialized (in memory until :meth:`release`), sorted."""
+        return sorted(self._materialized)
+
+    @property
+    def clients(self) -> Sequence[ClientData]:
+        """Every client's splits, in client order, for passes over the whole federation.
+
+        A client that is not materialized is built for the access and not kept (:meth:`client_data` keeps it):
+        iterating holds one client at a time.
+        """
+        return _Clients(self)
+
+    def _check_client(self, client_id: int, method: str) -> int:
+        k = int(client_id)
+        if not 0 <= k < len(self._plans):
+            raise ValueError(
+                f"`{method}(client_id={k})` is not a client of this data module: use 0..{len(self._plans) - 1}."
+            )
+        return k
 
     def vectorized_reason(self, what: str = "train") -> str | None:
         """Why the vectorized executor cannot serve these data for ``what`` (``train`` or ``eval``; None: it can).
@@ -466,9 +635,9 @@ class FederatedDataModule(pl.LightningDataModule):
         """
         if what not in ("train", "eval"):
             raise ValueError(f"`vectorized_reason(what={what!r})` is not valid: use 'train' or 'eval'.")
-        if not self.clients:
+        if not self._plans:
             self.setup()
-        if not all(c.in_memory for c in self.clients):
+        if not all(isinstance(plan.x, Tensor) for plan in self._plans):  # a lazy source's splits are lazy
             return (
                 f"the data source `{type(self.source).__name__}` reads its samples a batch at a time (they are not"
                 " stacked in memory): clients run one at a time; a source that loads tensors can be vectorized"
@@ -517,7 +686,7 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Called on resume: refuse a checkpoint made on another partition."""
-        if not self.clients:
+        if not self._plans:
             self.setup()
         if state_dict.get("fingerprint") not in (None, self.fingerprint):
             raise ValueError(
