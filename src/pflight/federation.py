@@ -416,8 +416,10 @@ class Federation(pl.LightningModule):
             request=self._request,
         )
 
-    def _request(self, client_id: int, fn: Callable[[ClientModule], Any], purpose: int | None = None) -> Any:
-        """:attr:`FederationInfo.request`: ``fn(client)`` on client ``client_id``'s side."""
+    def _request(
+        self, client_id: int, fn: Callable[[ClientModule, ClientContext], Any], purpose: int | None = None
+    ) -> Any:
+        """:attr:`FederationInfo.request`: ``fn(client, ctx)`` on client ``client_id``'s side."""
         client = self.client
         if purpose is None:
             if client.context is None or client.context.client_id != client_id:
@@ -425,11 +427,11 @@ class Federation(pl.LightningModule):
                     f"a server asked client {client_id} for a computation while the client module serves"
                     f" {None if client.context is None else client.context.client_id}: pass a `purpose`."
                 )
-            return fn(client)
+            return fn(client, client.context)
         saved = client.context
         try:
-            client.context = self.context(client_id, 0, "train", purpose)
-            return fn(client)
+            client.context = ctx = self.context(client_id, 0, "train", purpose)
+            return fn(client, ctx)
         finally:
             client.context = saved
 
@@ -1096,18 +1098,18 @@ class Federation(pl.LightningModule):
             global_message = self.server.global_message()
             if global_message is not None and not ctx.new_client:
                 client.receive(global_message, ctx)
-                global_counts[k] = self._evaluate_client(stage)
+                global_counts[k] = self._evaluate_client(stage, ctx)
             self.personalize_client(k, round_idx, stage)
-            personal[k] = self._evaluate_client(stage)
+            personal[k] = self._evaluate_client(stage, ctx)
         return personal, global_counts
 
-    def _evaluate_client(self, stage: str) -> Counts:
-        """``client.evaluate(stage)`` and the values of the metrics it fed (``Federation(metrics=...)``)."""
+    def _evaluate_client(self, stage: str, ctx: ClientContext) -> Counts:
+        """``client.evaluate(stage, ctx)`` and the values of the metrics it fed (``Federation(metrics=...)``)."""
         metrics = self.client.eval_metrics
         if metrics is None:
-            return (*self.client.evaluate(stage), {})
+            return (*self.client.evaluate(stage, ctx), {})
         metrics.reset()  # nothing but this evaluation feeds the client's values
-        correct, total, loss = self.client.evaluate(stage)
+        correct, total, loss = self.client.evaluate(stage, ctx)
         return correct, total, loss, metrics.finish(total)
 
     def evaluate_clients(self, client_ids: list[int], stage: str) -> dict[str, float]:

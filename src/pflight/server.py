@@ -167,7 +167,7 @@ class FederationInfo:
         seed: the data module's seed.
         public: the data module's public pool ``(x, y)``, or None.
         device: where the federation computes now (it moves after setup).
-        request: ``request(client_id, fn, purpose=None)`` runs ``fn(client)`` on client ``client_id``'s side and
+        request: ``request(client_id, fn, purpose=None)`` runs ``fn(client, ctx)`` on client ``client_id``'s side and
             returns what ``fn`` returns: the client-side computations a server asks for (FEDORA's one-time
             signature, pFedHN's inner loop for a new client). With a ``purpose`` (a
             :class:`~pflight.streams.Stream`) the client is served in a context of round 0 seeded for it;
@@ -190,7 +190,7 @@ class FederationInfo:
         """Training and new clients together."""
         return len(self.train_clients) + len(self.new_clients)
 
-    def ask(self, client_id: int, fn: Callable[[Any], Any], purpose: int | None = None) -> Any:
+    def ask(self, client_id: int, fn: Callable[[Any, Any], Any], purpose: int | None = None) -> Any:
         """:attr:`request`, with a clear error when the federation gave none (a server set up outside one)."""
         if self.request is None:
             raise RuntimeError("this server asks its clients for a computation: run it inside a `pflight.Federation`.")

@@ -289,14 +289,12 @@ class FedoraServer(Server):
     def _signatures(self, info: FederationInfo, ids: Sequence[int], labeled: bool) -> Tensor:
         """Each client's one-time signature message, as it would send it (``(K, D, q)``)."""
 
-        def sign(client: Any) -> Tensor:
+        def sign(client: Any, ctx: ClientContext) -> Tensor:
             if not isinstance(client, Fedora):
                 raise TypeError(
                     f"`FedoraServer` needs a `pflight.algorithms.fedora.Fedora` client, got {type(client).__name__}:"
                     " use `class_path: pflight.algorithms.fedora.Fedora` for the client."
                 )
-            assert client.context is not None  # the request serves client k: its context is set
-            ctx = client.context
             return client.signature(ctx, info.num_classes, labeled=labeled, rank=self.signature_rank).tensors["u"].cpu()
 
         return torch.stack([info.ask(k, sign, Stream.FEDORA_SIGNATURE) for k in ids])

@@ -325,14 +325,13 @@ class PFedHNServer(Server):
         info = self._info
 
         def inner_loop(weights: dict[str, Tensor]) -> dict[str, Tensor]:
-            def run(client: Any) -> dict[str, Tensor]:
+            def run(client: Any, ctx: ClientContext) -> dict[str, Tensor]:
                 if not isinstance(client, PFedHN):
                     raise TypeError(
                         "`PFedHNServer` fits new clients through a `pflight.algorithms.pfedhn.PFedHN` client, got"
                         f" {type(client).__name__}: use `class_path: pflight.algorithms.pfedhn.PFedHN`."
                     )
-                assert client.context is not None  # the request serves the new client: its context is set
-                return client.local_update(client.context, weights)
+                return client.local_update(ctx, weights)
 
             return info.ask(client_id, run)  # in the context the new client is being evaluated in
 
