@@ -6,7 +6,8 @@
 
 Each round, C clients (``--clients``) upload random float32 tensors shaped like the model's state (client k's drawn
 from a generator seeded by k, with ``n_samples`` a function of k, so the round is the same whatever the number of
-processes); client k lives on rank ``k % world`` as ``Federation.shard`` places it. Four ways to aggregate, each
+processes); client k lives on rank ``k % world`` (all clients are equal here, so the federation's balanced placement
+would spread them the same way). Four ways to aggregate, each
 timed over ``--repeats`` rounds (a round's time is its slowest rank's; the median is printed):
 
     (a) reduction, what reducible servers (FedAvg and the other linear servers) do: each rank folds its uploads into

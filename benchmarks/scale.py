@@ -50,7 +50,7 @@ def measure(num_clients: int, train: bool) -> dict[str, float]:
     row = {"setup_s": time.perf_counter() - start}
     row["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["data_mib"] = row["peak_mib"] - before
-    row["samples"] = sum(c.num_samples(s) for c in data.clients for s in ("train", "val", "test"))
+    row["samples"] = sum(data.num_samples(k, s) for k in range(data.num_clients) for s in ("train", "val", "test"))
     row["pflight"] = str(Path(pflight.__file__).parent)
     if train:
         pl.seed_everything(0, verbose=False)

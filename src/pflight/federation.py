@@ -436,7 +436,7 @@ class Federation(pl.LightningModule):
             client.context = saved
 
     def _check_output_size(self, dm: FederatedDataModule) -> None:
-        x = dm.client_data(dm.train_clients[0]).train[0][:2]
+        x = dm.clients[dm.train_clients[0]].train[0][:2]  # read, not kept
         was_training = self.client.training
         self.client.eval()
         with torch.no_grad():
