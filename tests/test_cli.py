@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,13 @@ def test_wandb_offline_run_holds_logged_metrics(quickstart_run):
     cli, cwd = quickstart_run
     files = list(cli.wandb_run_dir.glob("run-*.wandb"))
     assert len(files) == 1
-    run = read_run(files[0])
-    rows = [r for r in run["history"] if "val/personalized_acc" in r]
+    deadline = time.monotonic() + 30  # W&B's service process may still be writing the file's last records
+    while True:
+        run = read_run(files[0])
+        rows = [r for r in run["history"] if "val/personalized_acc" in r]
+        if len(rows) >= 20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(rows) == 20
     assert rows[-1]["val/personalized_acc"] == pytest.approx(cli.model.history[-1]["val/personalized_acc"])
     for key in (

@@ -11,7 +11,7 @@ FedAvg thing) until overridden.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import lightning.pytorch as pl
@@ -198,6 +198,12 @@ class ClientContext:
         x, y = self.data.split(split)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def indices(self) -> ClientContext:
+        """This context on the CPU with a train split of sample indices: batch plans replayed without the data."""
+        idx, empty = torch.arange(self.data.num_samples("train")), torch.zeros(0, dtype=torch.long)
+        data = ClientData(self.data.client_id, (idx, idx), (empty, empty), (empty, empty))
+        return replace(self, data=data, device=torch.device("cpu"))
+
 
 Objective = Callable[[Mapping[str, Tensor], Any, Mapping[str, Any]], Any]  # (params, batch, state) -> loss or dict
 PostStep = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Mapping[str, Any]], Mapping[str, Tensor]]
@@ -257,6 +263,25 @@ class FineTune:
         """Whether the learning rate is a tensor per parameter."""
         return isinstance(self.lr, Mapping)
 
+    def objective(self, net: nn.Module) -> Objective:
+        """The plan's objective in float32, as every executor runs it: ``loss``, or ``net``'s CE (+ the proximal term).
+
+        ``params`` are ``net``'s own tensors (:meth:`ClientModule.params`, run by ``net`` itself) or new ones (run by
+        ``functional_call``, one client's slice of the vectorized executor's stacked weights).
+        """
+
+        def objective(params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> Any:
+            if self.loss is None:
+                logits = net(batch.x) if isinstance(params, _Live) else functional_call(net, dict(params), (batch.x,))
+                loss = cross_entropy(logits.float(), batch)
+                if self.proximal_mu > 0 and "anchor" in state:
+                    loss = loss + proximal_term(params, state["anchor"], self.proximal_mu).float()
+                return loss
+            out = self.loss(params, batch, state)
+            return {**out, "loss": out["loss"].float()} if isinstance(out, dict) else out.float()
+
+        return objective
+
 
 @torch.no_grad()
 def elementwise_sgd_(
@@ -311,13 +336,8 @@ def reduce_over_clients(per_client: Mapping[int, float], reduce_fx: str = "mean"
     (3.0, 1.0)
     """
     values = [per_client[k] for k in sorted(per_client)]
-    if reduce_fx == "sum":
-        return float(sum(values))
-    if reduce_fx == "max":
-        return float(max(values))
-    if reduce_fx == "min":
-        return float(min(values))
-    return float(sum(values) / len(values))
+    reduce = {"sum": sum, "max": max, "min": min}.get(reduce_fx)
+    return float(reduce(values)) if reduce is not None else float(sum(values) / len(values))
 
 
 class ClientLogs:
@@ -679,6 +699,7 @@ class ClientModule(pl.LightningModule):
         else:
             opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
         state = dict(plan.state)
+        objective = plan.objective(self.net)
         was_training = self.net.training
         self.net.train()
         step = 0
@@ -688,16 +709,10 @@ class ClientModule(pl.LightningModule):
                     before = float_state(self.net) if plan.after_step is not None else None
                     for _, p in named:
                         p.grad = None
-                    if plan.loss is None:
-                        loss = F.cross_entropy(self.net(x).float(), y)
-                        if plan.proximal_mu > 0 and "anchor" in state:
-                            loss = loss + proximal_term(self.params(), state["anchor"], plan.proximal_mu).float()
-                    else:
-                        out = plan.loss(self.params(), Batch(x, y), state)
-                        if isinstance(out, dict):
-                            state.update(out.get("state") or {})
-                            out = out["loss"]
-                        loss = out.float()
+                    loss = objective(self.params(), Batch(x, y), state)
+                    if isinstance(loss, dict):
+                        state.update(loss.get("state") or {})
+                        loss = loss["loss"]
                     loss.backward()
                     if opt is not None:
                         opt.step()

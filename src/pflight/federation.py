@@ -40,6 +40,7 @@ except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
 CHECKPOINT_KEY = "pflight"
+_SUFFIX = {"mean": "", "weighted": "_weighted", "std": "_std", "worst10": "_worst10"}  # a summary's logged names
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -136,10 +137,6 @@ def check_strategy(strategy: Any, flag: str | None = None) -> None:
         )
 
 
-def _do_nothing() -> None:
-    return None
-
-
 @contextmanager
 def _local_steps_uncounted(optimizers: Any) -> Iterator[None]:
     """Keep the clients' local optimizer steps out of the Trainer's step count while inside.
@@ -151,7 +148,7 @@ def _local_steps_uncounted(optimizers: Any) -> Iterator[None]:
     opts = optimizers if isinstance(optimizers, list) else [optimizers]
     saved = [(o._on_before_step, o._on_after_step) for o in opts]
     for o in opts:
-        o._on_before_step = o._on_after_step = _do_nothing
+        o._on_before_step = o._on_after_step = lambda: None
     try:
         yield
     finally:
@@ -603,10 +600,6 @@ class Federation(pl.LightningModule):
         """The client's local optimizer(s): Lightning wraps them for precision and devices."""
         return self.client.configure_optimizers()
 
-    def _planned_steps(self, ctx: ClientContext) -> int:
-        """Local optimizer steps client ``ctx.client_id`` takes in a full round."""
-        return self._steps_for(ctx.data.num_samples("train"), ctx.batch_size)
-
     def _steps_for(self, num_train: int, batch_size: int) -> int:
         """Local optimizer steps of a full round for a client with ``num_train`` training samples."""
         client = self.client
@@ -622,7 +615,7 @@ class Federation(pl.LightningModule):
         if n == 1 and work >= 1.0:
             yield from ctx.batches("train", epochs=client.local_epochs, steps=client.local_steps)
             return
-        steps = max(1, math.ceil(self._planned_steps(ctx) * work))
+        steps = max(1, math.ceil(self._steps_for(ctx.data.num_samples("train"), ctx.batch_size) * work))
         if n == 1:
             stream = ctx.batches("train", epochs=client.local_epochs, steps=client.local_steps)
             yield from (batch for _, batch in zip(range(steps), stream, strict=False))
@@ -1143,12 +1136,7 @@ class Federation(pl.LightningModule):
             if self.trainer.world_size > 1:
                 metric.sync()
         summary = personalized_summary(seen.correct, seen.total)  # states are synced above
-        out = {
-            f"{stage}/personalized_acc": summary["mean"],
-            f"{stage}/personalized_acc_weighted": summary["weighted"],
-            f"{stage}/personalized_acc_std": summary["std"],
-            f"{stage}/personalized_acc_worst10": summary["worst10"],
-        }
+        out = {f"{stage}/personalized_acc{_SUFFIX[k]}": summary[k] for k in _SUFFIX}
         losses = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             torch.distributed.all_reduce(losses)
@@ -1207,10 +1195,7 @@ class Federation(pl.LightningModule):
         out: dict[str, float] = {}
         for name in names:
             s = kinds["personalized"].summary(name)
-            out[f"{stage}/personalized_{name}"] = s["mean"]
-            out[f"{stage}/personalized_{name}_weighted"] = s["weighted"]
-            out[f"{stage}/personalized_{name}_std"] = s["std"]
-            out[f"{stage}/personalized_{name}_worst10"] = s["worst10"]
+            out.update({f"{stage}/personalized_{name}{_SUFFIX[k]}": s[k] for k in _SUFFIX})
             for kind, prefix in (("global", "global"), ("new", "new_clients")):
                 if bool(kinds[kind].total.sum() > 0):
                     s = kinds[kind].summary(name)

@@ -10,15 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pflight.messages import Message
-
-if TYPE_CHECKING:
-    from torch import nn
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 
@@ -150,8 +147,34 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
         group.update(mine)
 
 
-def _cpu() -> torch.device:
-    return torch.device("cpu")
+def _copy_state(state: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A copy of one parameter's optimizer state, on ``device`` (scalar tensors such as Adam's ``step`` on the CPU)."""
+    return {
+        k: (v.detach().to(device) if v.dim() > 0 else v.detach().cpu()).clone() if isinstance(v, Tensor) else v
+        for k, v in state.items()
+    }
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, net: nn.Module) -> dict[str, dict[str, Any]]:
+    """Copies of ``optimizer``'s per-parameter state keyed by ``net``'s parameter names (scalar steps on the CPU).
+
+    >>> net = nn.Linear(2, 1)
+    >>> opt = torch.optim.Adam(net.parameters())
+    >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> {k: sorted(v) for k, v in named_optimizer_state(opt, net).items()}
+    {'weight': ['exp_avg', 'exp_avg_sq', 'step'], 'bias': ['exp_avg', 'exp_avg_sq', 'step']}
+    """
+    named = net.named_parameters()
+    return {name: _copy_state(optimizer.state[p], p.device) for name, p in named if optimizer.state.get(p)}
+
+
+def load_named_optimizer_state(
+    optimizer: torch.optim.Optimizer, net: nn.Module, state: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Give ``optimizer`` back the per-parameter state of :func:`named_optimizer_state` (on each parameter's device)."""
+    for name, p in net.named_parameters():
+        if name in state:
+            optimizer.state[p] = _copy_state(state[name], p.device)
 
 
 @dataclass(frozen=True)
@@ -182,7 +205,7 @@ class FederationInfo:
     num_classes: int = 0
     seed: int = 0
     public: tuple[Tensor, Tensor] | None = None
-    device: Callable[[], torch.device] = _cpu
+    device: Callable[[], torch.device] = lambda: torch.device("cpu")
     request: Callable[..., Any] | None = None
 
     @property
@@ -369,19 +392,15 @@ class FedAvgServer(Server):
         """Called at evaluation: the global model."""
         return Message("weights", self.global_state)
 
-    @staticmethod
-    def _kind(msgs: Iterable[Message]) -> str:
-        kinds = {m.kind for m in msgs}
-        if len(kinds) != 1 or not kinds <= {"weights", "delta", "gradient"}:
-            raise ValueError(f"`FedAvgServer` aggregates weights, delta or gradient uploads, got kinds {kinds}.")
-        return kinds.pop()
-
     def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
         """Called at round end: average and apply."""
         if not uploads:
             return
         msgs = list(uploads.values())
-        kind = self._kind(msgs)
+        kinds = {m.kind for m in msgs}
+        if len(kinds) != 1 or not kinds <= {"weights", "delta", "gradient"}:
+            raise ValueError(f"`FedAvgServer` aggregates weights, delta or gradient uploads, got kinds {kinds}.")
+        kind = kinds.pop()
         if len(msgs) == 1:  # the mean of one upload is that upload (`apply_sum` gives the round's mean this way)
             mean = dict(msgs[0].tensors)
         else:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -65,14 +65,13 @@ from pflight.client import (
     ClientContext,
     ClientModule,
     FineTune,
-    cross_entropy,
+    Objective,
     elementwise_sgd_,
     float_state,
     load_float_state,
-    proximal_term,
     state_tensors,
 )
-from pflight.data.datamodule import ClientData, FederatedDataModule
+from pflight.data.datamodule import FederatedDataModule
 from pflight.fused_mlp import fused_sgd_step_, mlp_layers, sgd_update_
 from pflight.messages import Message
 from pflight.metrics import Counts
@@ -174,22 +173,6 @@ def _pool(dm: FederatedDataModule, split: str = "train") -> _Pool:
     return pool
 
 
-def _cumulative(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for s in sizes:
-        out.append(total)
-        total += s
-    return out
-
-
-def _index_context(ctx: ClientContext) -> ClientContext:
-    """``ctx`` whose train split holds sample indices: batch plans without copying any data."""
-    n = ctx.data.num_samples("train")
-    idx, empty = torch.arange(n), torch.zeros(0, dtype=torch.long)
-    data = ClientData(ctx.data.client_id, (idx, idx), (empty, empty), (empty, empty))
-    return replace(ctx, data=data, device=torch.device("cpu"))
-
-
 @dataclass
 class _Batches:
     """One batch slot (D, D', ... of a step) for every (step, client): indices into the pool, mask, sizes."""
@@ -279,11 +262,10 @@ def _optimizer_reason(federation: Federation) -> str | None:
     and its update is elementwise (SGD, Adam, AdamW, Adamax, RMSprop, Adagrad, or a class with a true
     ``elementwise`` attribute): then one step on ``(clients, ...)`` tensors is each client's own step.
     """
-    opts = federation.optimizers()
-    if isinstance(opts, list) and len(opts) != 1:
-        return f"`{type(federation.client).__name__}` has {len(opts)} local optimizers (one is supported)"
     opt = _local_optimizer(federation)
-    assert opt is not None
+    if opt is None:
+        n = len(federation.optimizers())
+        return f"`{type(federation.client).__name__}` has {n} local optimizers (one is supported)"
     if not (type(opt) in ELEMENTWISE_OPTIMIZERS or getattr(type(opt), "elementwise", False)):
         return (
             f"the local optimizer {type(opt).__name__} is not known to update elementwise (served: "
@@ -371,8 +353,26 @@ class Chunk:
         """How many clients take local step ``t`` (a prefix of the stacked order)."""
         return sum(1 for s in self.steps if s > t)
 
-
-Objective = Callable[[Mapping[str, Tensor], Any, Mapping[str, Any]], Any]
+    @classmethod
+    def stack(
+        cls,
+        federation: Federation,
+        client_ids: list[int],
+        plans: Sequence[Plan],
+        starts: Sequence[Mapping[str, Tensor]],
+        names: list[str],
+        round_state: Any,
+    ) -> Chunk:
+        """The chunk of ``client_ids`` (stacked order) from their plans and start weights, batches from the pool."""
+        net, device = federation.client.net, federation.device
+        own = state_tensors(net)
+        state = {n: t.to(own[n].dtype) for n, t in stack_states(starts, names, device).items()}
+        trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+        run = cls(client_ids, [len(p) for p in plans], names, trainable, state, round_state)
+        if run.steps[0] > 0:
+            pool, dtype = _pool(federation.data), next(iter(net.parameters())).dtype
+            run.batches = _stack_plans(plans, [pool.offsets[k] for k in client_ids], pool.pad, dtype)
+        return run
 
 
 class Stepper:
@@ -492,24 +492,21 @@ class Stepper:
     @torch.no_grad()
     def _update(self, grads: Mapping[str, Tensor], t: int, m: int) -> None:
         run = self.run
-        if self.sgd and self.lrs is not None:
-            buffers = self._buffers(m)
-            elementwise_sgd_(
-                [run.state[n][:m] for n in run.trainable],
-                [grads[n] for n in run.trainable],
-                [self.lrs[n][:m] for n in run.trainable],
-                [buffers[n] for n in run.trainable] if buffers is not None else None,
-                momentum=self.hyper["momentum"],
-                weight_decay=self.hyper["weight_decay"],
-                first_step=t == 0,
-            )
-            return
         if self.sgd:
             buffers = self._buffers(m)
+            params = [run.state[n][:m] for n in run.trainable]
+            grad_list = [grads[n] for n in run.trainable]
+            bufs = [buffers[n] for n in run.trainable] if buffers is not None else None
+            if self.lrs is not None:
+                lrs = [self.lrs[n][:m] for n in run.trainable]
+                elementwise_sgd_(
+                    params, grad_list, lrs, bufs, self.hyper["momentum"], self.hyper["weight_decay"], t == 0
+                )
+                return
             sgd_update_(
-                [run.state[n][:m] for n in run.trainable],
-                [grads[n] for n in run.trainable],
-                [buffers[n] for n in run.trainable] if buffers is not None else None,
+                params,
+                grad_list,
+                bufs,
                 lr=self.hyper["lr"],
                 momentum=self.hyper["momentum"],
                 dampening=self.hyper["dampening"],
@@ -539,13 +536,8 @@ class Stepper:
 
 
 def _sgd_hyper(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    group = opt.param_groups[0]
-    out = {k: v for k, v in group.items() if k != "params"}
-    for key, default in (("momentum", 0.0), ("dampening", 0.0), ("weight_decay", 0.0)):
-        out.setdefault(key, default)
-    out.setdefault("nesterov", False)
-    out.setdefault("maximize", False)
-    return out
+    defaults = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
+    return {**defaults, **{k: v for k, v in opt.param_groups[0].items() if k != "params"}}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -562,7 +554,7 @@ def _plan(federation: Federation, ctx: ClientContext, work: float) -> Plan:
         if work < 1.0:
             plan = plan[: max(1, math.ceil(len(plan) * work))]
         return [(b,) for b in plan]
-    index_ctx = _index_context(ctx)
+    index_ctx = ctx.indices()
     steps: Plan = []
     for batch in client.step_batches(index_ctx, federation.local_batches(index_ctx, work)):
         group = (batch,) if len(batch) == 2 and isinstance(batch[0], Tensor) else batch
@@ -626,7 +618,6 @@ def train_clients(
     size = chunk_size(federation, len(client_ids))
     plain = type(client).loss is ClientModule.loss
     post = client.after_local_step if type(client).after_local_step is not ClientModule.after_local_step else None
-    pool = _pool(federation.data)
     dtype = next(iter(client.net.parameters())).dtype
     uploads: dict[int, Message] = {}
     losses: dict[int, Tensor] = {}
@@ -636,15 +627,10 @@ def train_clients(
     for lo in range(0, len(order), size):
         members = order[lo : lo + size]
         ids = [client_ids[i] for i in members]
-        run = Chunk(
-            client_ids=ids,
-            steps=[len(plans[i]) for i in members],
-            names=names,
-            trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
-            state={n: t.to(own[n].dtype) for n, t in stack_states([starts[i] for i in members], names, device).items()},
-            round_state=stack_tree([round_states[i] for i in members], device),
+        round_state = stack_tree([round_states[i] for i in members], device)
+        run = Chunk.stack(
+            federation, ids, [plans[i] for i in members], [starts[i] for i in members], names, round_state
         )
-        run.batches = _stack_plans([plans[i] for i in members], [pool.offsets[k] for k in ids], pool.pad, dtype)
         stepper = Stepper(
             federation, run, client.loss, (type(opt), _sgd_hyper(opt)), plain, post, float(client.proximal_mu)
         )
@@ -781,7 +767,7 @@ def evaluate_clients(
             counts = _count(federation, members, stage, lambda x: _shared_forward(client.net, state, x))
             global_counts.update(zip(members, counts, strict=True))
     starts: list[Mapping[str, Tensor]] = []
-    plans: list[list[Tensor]] = []
+    plans: list[Plan] = []
     tunes: list[FineTune | None] = []
     cls = type(client)
     plain_in = cls.receive is ClientModule.receive and cls.load_client_state is ClientModule.load_client_state
@@ -804,7 +790,7 @@ def evaluate_clients(
             n = ctx.data.num_samples("train")
             batches = plan_batches(n, ctx.batch_size, ctx.generator, max(ft.epochs, 1), ft.steps or None)
         tunes.append(ft)
-        plans.append([b for b in batches for _ in range(ft.repeat if ft is not None else 1)])
+        plans.append([(b,) for b in batches for _ in range(ft.repeat if ft is not None else 1)])
     chunk = chunk_size(federation, len(client_ids))
     groups: list[list[int]] = []  # chunks of one kind of fine-tuning, most steps first
     by_kind: dict[Any, list[int]] = {}
@@ -814,27 +800,14 @@ def evaluate_clients(
         members.sort(key=lambda i: -len(plans[i]))
         groups += [members[lo : lo + chunk] for lo in range(0, len(members), chunk)]
     forward = batched_forward(client.net)
-    own = client.net.state_dict()
-    pool = _pool(federation.data)
-    dtype = next(iter(client.net.parameters())).dtype
     personal: dict[int, Counts] = {}
     last = len(client_ids) - 1
     was_training = client.net.training
     for group in groups:
         ids = [client_ids[i] for i in group]
         ft = tunes[group[0]]
-        run = Chunk(
-            client_ids=ids,
-            steps=[len(plans[i]) for i in group],
-            names=names,
-            trainable=[n for n, p in client.net.named_parameters() if p.requires_grad],
-            state={n: t.to(own[n].dtype) for n, t in stack_states([starts[i] for i in group], names, device).items()},
-            round_state={},
-        )
+        run = Chunk.stack(federation, ids, [plans[i] for i in group], [starts[i] for i in group], names, {})
         if ft is not None and run.steps[0] > 0:
-            run.batches = _stack_plans(
-                [[(b,) for b in plans[i]] for i in group], [pool.offsets[k] for k in ids], pool.pad, dtype
-            )
             stepper = _fine_tune_stepper(federation, run, [t for t in (tunes[i] for i in group) if t is not None])
             client.net.train()
             for t in range(run.steps[0]):
@@ -865,9 +838,8 @@ def _fine_tune_stepper(federation: Federation, run: Chunk, tunes: list[FineTune]
     hyper["weight_decay"] = ft.weight_decay
     base_loss = getattr(ft.loss, "__func__", None) is ClientModule.loss  # the client's own, not overridden
     mu = ft.proximal_mu if ft.loss is None else float(client.proximal_mu) if base_loss else 0.0
-    objective = _fine_tune_objective(client, ft.loss, mu)
     plain = ft.loss is None or base_loss  # the fused MLP step computes it where the network is a plain MLP
-    return Stepper(federation, run, objective, (torch.optim.SGD, hyper), plain, ft.after_step, mu, lrs)
+    return Stepper(federation, run, ft.objective(client.net), (torch.optim.SGD, hyper), plain, ft.after_step, mu, lrs)
 
 
 def _fine_tune_kind(client: ClientModule, plan: FineTune | None) -> Any:
@@ -880,21 +852,6 @@ def _fine_tune_kind(client: ClientModule, plan: FineTune | None) -> Any:
     lr = plan.lr if plan.lr is not None else client.lr
     return ("elementwise" if isinstance(lr, Mapping) else float(lr), plan.momentum, plan.weight_decay, plan.loss,
             plan.proximal_mu, plan.after_step)  # fmt: skip
-
-
-def _fine_tune_objective(client: ClientModule, loss: Objective | None, proximal_mu: float = 0.0) -> Objective:
-    """``ClientModule.fine_tune``'s objective in float32: ``loss``, or the batch's cross-entropy (+ proximal term)."""
-
-    def objective(params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> Any:
-        if loss is None:
-            ce = cross_entropy(client.net_forward(params, batch.x).float(), batch)
-            if proximal_mu > 0 and "anchor" in state:
-                ce = ce + proximal_term(params, state["anchor"], proximal_mu).float()
-            return ce
-        out = loss(params, batch, state)
-        return {**out, "loss": out["loss"].float()} if isinstance(out, dict) else out.float()
-
-    return objective
 
 
 def _shared_forward(net: nn.Module, state: dict[str, Tensor], x: Tensor) -> Tensor:

@@ -47,10 +47,17 @@ from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
 from pflight.algorithms.distillation import kd_loss
+from pflight.algorithms.ditto import sub_state
 from pflight.client import ClientContext, ClientModule, float_state, load_float_state
 from pflight.data.datasets import DataSource
 from pflight.messages import Message
-from pflight.server import FederationInfo, Server, aggregation_weights
+from pflight.server import (
+    FederationInfo,
+    Server,
+    aggregation_weights,
+    load_named_optimizer_state,
+    named_optimizer_state,
+)
 from pflight.streams import Stream, stream_seed
 
 DIGEST_LOSSES = ("l1_logits", "mse_logits", "kl_T")
@@ -142,36 +149,6 @@ def public_pool(source: DataSource) -> tuple[Tensor, Tensor]:
             " (e.g. `pflight.data.CIFAR10`) as the public data set."
         )
     return source.load()
-
-
-def _copy_state(state: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """A copy of one parameter's optimizer state, on ``device`` (scalar tensors such as Adam's ``step`` on the CPU)."""
-    return {
-        k: (v.detach().to(device) if v.dim() > 0 else v.detach().cpu()).clone() if isinstance(v, Tensor) else v
-        for k, v in state.items()
-    }
-
-
-def named_optimizer_state(optimizer: torch.optim.Optimizer, net: nn.Module) -> dict[str, dict[str, Any]]:
-    """Copies of ``optimizer``'s per-parameter state keyed by ``net``'s parameter names (scalar steps on the CPU).
-
-    >>> net = nn.Linear(2, 1)
-    >>> opt = torch.optim.Adam(net.parameters())
-    >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
-    >>> {k: sorted(v) for k, v in named_optimizer_state(opt, net).items()}
-    {'weight': ['exp_avg', 'exp_avg_sq', 'step'], 'bias': ['exp_avg', 'exp_avg_sq', 'step']}
-    """
-    named = net.named_parameters()
-    return {name: _copy_state(optimizer.state[p], p.device) for name, p in named if optimizer.state.get(p)}
-
-
-def load_named_optimizer_state(
-    optimizer: torch.optim.Optimizer, net: nn.Module, state: Mapping[str, Mapping[str, Any]]
-) -> None:
-    """Give ``optimizer`` back the per-parameter state of :func:`named_optimizer_state` (on each parameter's device)."""
-    for name, p in net.named_parameters():
-        if name in state:
-            optimizer.state[p] = _copy_state(state[name], p.device)
 
 
 # ---------------------------------------------------------------------- server
@@ -410,10 +387,6 @@ class FedMD(ClientModule):
             return stream_seed(self.architecture_seed, client_id) % len(self.nets)
         return client_id % len(self.nets)
 
-    def _initial_of(self, arch: int) -> dict[str, Tensor]:
-        prefix = f"{arch}."
-        return {k[len(prefix) :]: v for k, v in self.initial_state().items() if k.startswith(prefix)}
-
     def scores(self, x: Tensor) -> Tensor:
         """All logits (private and public classes) of the active client's network."""
         return self.nets[self.active](x)
@@ -421,9 +394,7 @@ class FedMD(ClientModule):
     @override
     def net_forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """The revisit's logits: the active client's network at ``params`` (``nets`` names), as :meth:`forward`."""
-        prefix = f"{self.active}."
-        own = {name[len(prefix) :]: t for name, t in params.items() if name.startswith(prefix)}
-        out = functional_call(self.nets[self.active], own, (x,))
+        out = functional_call(self.nets[self.active], sub_state(params, f"{self.active}."), (x,))
         return out if self.private_classes is None else out[..., : self.private_classes]
 
     @override
@@ -479,7 +450,8 @@ class FedMD(ClientModule):
         """
         self.active = self.architecture_of(ctx.client_id)
         self._fresh = state is None
-        load_float_state(self.nets[self.active], self._initial_of(self.active) if state is None else state["weights"])
+        own = state["weights"] if state is not None else sub_state(self.initial_state(), f"{self.active}.")
+        load_float_state(self.nets[self.active], own)
         if self.persistent_digest_optimizer:
             self.round_state["digest_optimizer"] = dict(state.get("digest_optimizer", {})) if state is not None else {}
 

@@ -42,7 +42,6 @@ from pflight.client import (
     float_state,
     load_float_state,
 )
-from pflight.data.datamodule import ClientData
 from pflight.messages import Message
 from pflight.server import FedAvgServer, FederationInfo, Server
 from pflight.streams import Stream, stream_seed
@@ -293,10 +292,7 @@ class MAML(ClientModule):
         """
         if self.eval_inner_steps == 0:
             return None
-        n = ctx.data.num_samples("train")
-        idx, empty = torch.arange(n), torch.zeros(0, dtype=torch.long)
-        indices = ClientData(ctx.data.client_id, (idx, idx), (empty, empty), (empty, empty))
-        (support, _), _ = self.meta_batches(replace(ctx, data=indices, device=torch.device("cpu")))
+        (support, _), _ = self.meta_batches(ctx.indices())
         return FineTune(steps=self.eval_inner_steps, lr=self.inner_lr, batch=support)
 
 

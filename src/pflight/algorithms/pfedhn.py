@@ -37,7 +37,13 @@ from typing_extensions import override
 
 from pflight.client import ClientContext, ClientModule, OptimizerCallable, float_state, load_float_state
 from pflight.messages import Message
-from pflight.server import FederationInfo, Server, load_optimizer_state
+from pflight.server import (
+    FederationInfo,
+    Server,
+    load_named_optimizer_state,
+    load_optimizer_state,
+    named_optimizer_state,
+)
 from pflight.streams import Stream, stream_seed
 
 
@@ -370,14 +376,6 @@ class PFedHNServer(Server):
 
 
 # ---------------------------------------------------------------------------------------------- client
-def _copy_state(state: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """A copy of one tensor's optimizer state on ``device`` (scalar tensors such as Adam's ``step`` stay on CPU)."""
-    return {
-        k: (v.detach().to(device) if v.dim() > 0 else v.detach().cpu()).clone() if isinstance(v, Tensor) else v
-        for k, v in state.items()
-    }
-
-
 class PFedHN(ClientModule):
     """pFedHN's client: inner SGD steps from the generated weights; uploads the trained weights.
 
@@ -568,11 +566,8 @@ class PFedHN(ClientModule):
     @override
     def on_local_train_start(self, ctx: ClientContext) -> None:
         """PC: restore the private head's optimizer state (the federation cleared every optimizer's state)."""
-        if self._private_optimizer is None or not self._private_optimizer_state:
-            return
-        for name, p in self.net.named_parameters():
-            if name in self._private_optimizer_state:
-                self._private_optimizer.state[p] = _copy_state(self._private_optimizer_state[name], p.device)
+        if self._private_optimizer is not None and self._private_optimizer_state:
+            load_named_optimizer_state(self._private_optimizer, self.net, self._private_optimizer_state)
 
     @override
     def local_optimizer_step(self, optimizer: Any) -> None:
@@ -601,12 +596,8 @@ class PFedHN(ClientModule):
         """PC: the private head and its (persistent) optimizer state, e.g. SGD's momentum buffers."""
         if not self.private_prefixes:
             return None
-        optimizer_state: dict[str, dict[str, Any]] = {}
-        if self._private_optimizer is not None:
-            for name, p in self.net.named_parameters():
-                saved = self._private_optimizer.state.get(p)
-                if saved:
-                    optimizer_state[name] = _copy_state(saved, p.device)
+        opt = self._private_optimizer
+        optimizer_state = named_optimizer_state(opt, self.net) if opt is not None else {}
         return {"private": self._private_state(), "optimizer": optimizer_state}
 
     @override

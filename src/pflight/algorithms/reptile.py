@@ -107,13 +107,9 @@ class PersonalizedFedAvgServer(FedAvgServer):
 
     @override
     def _build_optimizer(self) -> None:
-        assert self.server_optimizer is not None
-        self._params = {
-            k: nn.Parameter(v, requires_grad=True) for k, v in self.global_state.items() if v.is_floating_point()
-        }
-        params = list(self._params.values())
-        self._optimizers = [self.server_optimizer(params), self.reptile_server_optimizer(params)]
-        self._optimizer = self._optimizers[0]
+        super()._build_optimizer()  # stage 1's, then stage 2's over the same parameters
+        assert self._optimizer is not None
+        self._optimizers = [self._optimizer, self.reptile_server_optimizer(list(self._params.values()))]
 
     @override
     def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
@@ -132,9 +128,7 @@ class PersonalizedFedAvgServer(FedAvgServer):
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Called on resume."""
-        device = next(iter(self.global_state.values())).device if self.global_state else "cpu"
-        self.global_state = {k: v.to(device) for k, v in state_dict["global_state"].items()}
-        self._build_optimizer()
+        super().load_state_dict(state_dict)
         for opt, saved in zip(self._optimizers, state_dict["optimizers"], strict=True):
             opt.load_state_dict(saved)
 
