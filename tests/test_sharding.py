@@ -167,6 +167,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         launch(root, 2)
         launch(root, 3)
         fit(root / "two_to_one", 1, root / "two" / "round2.ckpt")  # 2 -> 1
+        fit(root / "three_to_one", 1, root / "three" / "round2.ckpt")  # 3 -> 1: three shard files into one process
     finally:
         torch.set_num_threads(threads)
     return root
@@ -221,7 +222,7 @@ def test_resume_with_the_same_processes_is_bit_identical(runs):
     assert [[h[m] for m in METRICS] for h in a["history"]] == [[h[m] for m in METRICS] for h in b["history"]]
 
 
-@pytest.mark.parametrize("run", ["one_to_two", "two_to_three", "two_to_one"])
+@pytest.mark.parametrize("run", ["one_to_two", "two_to_three", "two_to_one", "three_to_one"])
 def test_resume_with_other_processes_equals_one(runs, run):
     """Resumed after round 2 with another number of processes, the run ends as the 1-process run does."""
     assert_close_runs(final(runs / "one"), final(runs / run))
