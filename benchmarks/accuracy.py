@@ -41,7 +41,7 @@ EVAL_EVERY = 5
 
 @dataclass
 class Algo:
-    """One algorithm of the benchmark: how to build its client, its step cost and its grid."""
+    """One algorithm of the benchmark: how to build its client (and server), its step cost and its grid."""
 
     name: str
     class_path: str
@@ -52,12 +52,15 @@ class Algo:
     steps_arg: str | None = "local_steps"  # the constructor argument that sets local steps
     net_arg: str = "net"  # "nets" for heterogeneous clients (FedMD)
     batch_norm: bool = False  # the MLP with a BatchNorm layer (FedBN, and FedAvg on the same network)
+    server: str | None = None  # a server class path (None: the client's default server)
+    server_args: dict[str, str] = field(default_factory=dict)  # hyperparameter -> the server's argument
 
 
 LR = {"lr": [0.05, 0.2]}
 META = {"inner_lr": [0.1, 0.3], "meta_lr": [0.01]}
 PERFEDAVG = {"lr": [0.05, 0.1], "alpha": [0.1]}
-HN = {"server_lr": [0.01, 0.05], "lr": [0.05]}
+HN = {"server_lr": [0.01, 0.05], "lr": [0.05]}  # server_lr is PFedHNServer's lr
+HN_SERVER = {"server": "pflight.algorithms.PFedHNServer", "server_args": {"server_lr": "lr"}}
 ALGOS: list[Algo] = [
     Algo("local", "pflight.algorithms.LocalOnly", grid=LR),
     Algo("fedavg", "pflight.algorithms.FedAvg", grid=LR),
@@ -108,8 +111,8 @@ ALGOS: list[Algo] = [
     Algo("fedavg_bn", "pflight.algorithms.FedAvg", grid=LR, batch_norm=True),
     Algo("fedbn", "pflight.algorithms.FedBN", grid=LR, batch_norm=True),
     Algo("fedora", "pflight.algorithms.Fedora", grid={"lr": [0.01, 0.05]}),
-    Algo("pfedhn", "pflight.algorithms.PFedHN", grid=HN),
-    Algo("pfedhn_pc", "pflight.algorithms.PFedHN", fixed={"private_prefixes": ["head"]}, grid=HN),
+    Algo("pfedhn", "pflight.algorithms.PFedHN", grid=HN, **HN_SERVER),
+    Algo("pfedhn_pc", "pflight.algorithms.PFedHN", fixed={"private_prefixes": ["head"]}, grid=HN, **HN_SERVER),
 ]
 
 SCENARIOS = ["digits_dir0.1", "digits_dir0.5", "digits_path2", "rotated_digits", "synthetic"]
@@ -188,11 +191,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if algo.name == "pfedavg":  # stage 2 (Reptile) for the second half of the rounds
         kwargs.setdefault("switch_round", job["rounds"] // 2)
         kwargs.setdefault("reptile_steps", kwargs["local_steps"])
+    server_kwargs = {algo.server_args[k]: kwargs.pop(k) for k in list(kwargs) if k in algo.server_args}
     nets = make_net(job["scenario"], heterogeneous=algo.net_arg == "nets", batch_norm=algo.batch_norm)
     client = _import(algo.class_path)(**{algo.net_arg: nets}, **kwargs)
+    server = _import(algo.server)(**server_kwargs) if algo.server is not None else None
     data = scenario_data(job["scenario"], job["seed"])
     every = EVAL_EVERY if job["rounds"] % EVAL_EVERY == 0 else job["rounds"]
-    fed = Federation(client, eval_every=every, **algo.federation)
+    fed = Federation(client, server=server, eval_every=every, **algo.federation)
     times: list[float] = []
 
     class _Times(pl.Callback):

@@ -4,12 +4,16 @@ new clients, the W&B report, and the rotated-digits comparison with FedAvg and L
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -316,12 +320,13 @@ def test_absent_clients_enter_the_mix_as_configured(absent: str, reporting: list
     assert (gap > 0.1) if len(reporting) < clients else (gap < 1e-12)
 
 
-def test_fedora_forwards_absent_to_its_server() -> None:
-    """`Fedora(absent=...)` reaches the server it builds; an unknown value is refused with the choices."""
-    assert Fedora(MLP(hidden=[8]), absent="propagated").configure_server().absent == "propagated"
+def test_absent_is_the_servers_setting() -> None:
+    """`absent` is FedoraServer's (the client's default server mixes "personal" models); an unknown value is refused
+    with the choices."""
     assert Fedora(MLP(hidden=[8])).configure_server().absent == "personal"
+    assert FedoraServer(absent="propagated").absent == "propagated"
     with pytest.raises(ValueError, match=r"absent='latest'.*'personal', 'propagated'"):
-        Fedora(MLP(hidden=[8]), absent="latest")
+        FedoraServer(absent="latest")
 
 
 class _RecordingRun:
@@ -460,3 +465,86 @@ def test_propagation_of_changes_equals_the_full_product_over_rounds() -> None:
             expected = (p @ stacked).reshape(clients, *initial[name].shape)
             got = torch.stack([server.received[k][name].double() for k in range(clients)])
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def _same(a: object, b: object) -> bool:
+    """Whether two nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_model_server_with_the_defaults_equals_the_default_server(tmp_path: Path, monkeypatch: Any) -> None:
+    """configs/fedora/digits.yaml (new clients included) with `model.server` set to FedoraServer's defaults (the
+    values of the client's former graph arguments) is bit-identical to the run without `model.server` (the client's
+    default server): graph, P, new clients' rows, every model and evaluation; a graph setting under `model.server`
+    (tau 1) reaches the server and changes the graph."""
+    from pflight.cli import PflightCLI
+
+    monkeypatch.chdir(tmp_path)
+    defaults = {"tau": 10.0, "num_neighbors": 2, "alpha": 0.8, "signature_rank": 1, "absent": "personal"}
+    changed = {**defaults, "tau": 1.0}
+    servers = {
+        name: ["--model.server", json.dumps({"class_path": "pflight.algorithms.FedoraServer", "init_args": args})]
+        for name, args in (("explicit", defaults), ("changed", changed))
+    }
+    servers["default"] = ["--model.server", "null"]
+    results = {}
+    for name, extra in servers.items():
+        args = ["fit", "--config", str(CONFIGS / "fedora" / "digits.yaml"), "--trainer.max_epochs", "1"]
+        args += ["--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / name), "--model.eval_every", "1"]
+        fed = PflightCLI(args=[*args, "--model.client.init_args.local_epochs", "1", *extra]).model
+        history = [{k: v for k, v in h.items() if "acc" in k or "loss" in k} for h in fed.history]
+        store = {k: fed.store.get(k) for k in sorted(fed.store)}
+        results[name] = {"server": fed.server.state_dict(), "store": store, "history": history}
+    assert results["default"]["server"]["new_rows"]
+    assert "val/new_clients_acc" in results["default"]["history"][-1]
+    assert _same(results["explicit"], results["default"])
+    assert not torch.allclose(results["changed"]["server"]["adjacency"], results["default"]["server"]["adjacency"])
+
+
+@pytest.mark.parametrize("labeled", [True, False], ids=["labeled-new-clients", "unlabeled-new-clients"])
+def test_server_signs_new_clients_as_the_client_says(labeled: bool) -> None:
+    """`new_client_labels` is the client's (it decides whether a new client fine-tunes); an injected server learns it
+    at setup: its new clients' rows of P are those of labeled signatures, or of x-only signatures on both sides,
+    recomputed here from each client's train split."""
+    torch.manual_seed(0)
+    client = Fedora(MLP(input_shape=[1, 8, 8], hidden=[16]), lr=0.05, local_epochs=1, new_client_labels=labeled)
+    data = _rotated(8, new_client_fraction=0.25)
+    fed = run_federation(client, data, rounds=1, federation_kwargs={"server": FedoraServer()}, limit_val_batches=0)
+    server = fed.server
+    assert server.new_client_labels is labeled
+
+    def signatures(ids: list[int]) -> torch.Tensor:
+        full = [data.client_data(k).train for k in ids]
+        return torch.stack([data_signature(x, y if labeled else None, data.num_classes) for x, y in full])
+
+    new, old = signatures(list(data.new_clients)), signatures(list(data.train_clients))
+    a_new = row_normalize(top_m_adjacency(torch.exp(10.0 * principal_angle_similarity(new, old).double()), 2, False))
+    for i, k in enumerate(data.new_clients):
+        torch.testing.assert_close(server.new_rows[k], new_client_row(a_new[i], server.propagation, 0.8))
+
+
+def test_server_settings_given_to_the_client_are_refused(tmp_path: Path, capsys: Any) -> None:
+    """The graph's settings are the server's only: the former client form (`tau` etc. under the client) is refused
+    naming the argument, in Python and in a config; the server takes no `new_client_labels` (the client's)."""
+    from pflight.cli import PflightCLI
+
+    with pytest.raises(TypeError, match="tau"):
+        Fedora(MLP(hidden=[8]), tau=10.0)
+    with pytest.raises(TypeError, match="new_client_labels"):
+        FedoraServer(new_client_labels=False)  # type: ignore[call-arg]
+    raw = yaml.safe_load((CONFIGS / "fedora" / "rotated_digits.yaml").read_text())
+    raw["model"]["client"]["init_args"].update(raw["model"].pop("server")["init_args"])
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit):
+        PflightCLI(args=["--config", str(old), "--trainer.logger", "false"], run=False)
+    assert re.search(r"Option '(tau|num_neighbors|alpha)' is not accepted", capsys.readouterr().err)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from pflight import Federation
@@ -26,10 +27,10 @@ from pflight.server import FederationInfo
 from pflight.streams import Stream, stream_seed
 from tests.conftest import make_trainer, run_federation
 
-
-def pfedhn_pc(net: nn.Module, **kwargs: object) -> PFedHN:
-    """pFedHN-PC as configs/pfedhn/*_pc.yaml build it: private heads, the paper's server learning rate."""
-    return PFedHN(net, private_prefixes=["head"], **{"server_lr": 5e-2, **kwargs})  # type: ignore[arg-type]
+# (client arguments, server arguments): pFedHN-PC as configs/pfedhn/*_pc.yaml build it, private heads on the client
+# and the paper's server learning rate on the server
+VARIANTS = {"pfedhn": ({}, {}), "pfedhn-pc": ({"private_prefixes": ["head"]}, {"lr": 5e-2})}
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +80,7 @@ def _server(optimizer_kwargs: dict, clients: int = 4) -> tuple[PFedHNServer, Fed
             train_clients=tuple(data.train_clients),
             new_clients=tuple(data.new_clients),
             seed=data.seed,
+            request=lambda k, fn, purpose=None: fn(client, None),
         )
     )
     return server, data
@@ -129,14 +131,16 @@ def _digits(new_client_fraction: float = 0.0) -> FederatedDataModule:
     )
 
 
-@pytest.mark.parametrize("cls", [PFedHN, pfedhn_pc], ids=["pfedhn", "pfedhn-pc"])
-def test_learns_two_class_clients_and_fits_new_clients_with_phi_frozen(cls: Callable[..., PFedHN]) -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_learns_two_class_clients_and_fits_new_clients_with_phi_frozen(variant: str) -> None:
     """One client per server step: accuracy far above the 2-class chance; a new client's embedding is
     fitted at evaluation while phi stays unchanged; PC keeps a private head per client, never sent."""
-    client = cls(MLP(input_shape=[1, 8, 8], hidden=[32], num_classes=10), local_steps=20, new_client_steps=5)
+    client_kwargs, server_kwargs = VARIANTS[variant]
+    client = PFedHN(MLP(input_shape=[1, 8, 8], hidden=[32], num_classes=10), local_steps=20, **client_kwargs)
     data = _digits(new_client_fraction=0.2)
     steps = 120
-    kwargs = {"clients_per_round": 1, "eval_every": steps + 1}  # evaluated once, below
+    server = PFedHNServer(new_client_steps=5, **server_kwargs)
+    kwargs = {"clients_per_round": 1, "eval_every": steps + 1, "server": server}  # evaluated once, below
     fed = run_federation(client, data, rounds=steps, federation_kwargs=kwargs)
     phi = {k: v.clone() for k, v in fed.server.hypernetwork.state_dict().items()}
     make_trainer(steps).validate(fed, datamodule=data, verbose=False)
@@ -148,7 +152,7 @@ def test_learns_two_class_clients_and_fits_new_clients_with_phi_frozen(cls: Call
     start = fed.server.hypernetwork.embeddings.weight[data.train_clients].mean(0)
     assert all(not torch.allclose(v, start) for v in fed.server.new_embeddings.values())
     message = fed.server.message_for(data.train_clients[0])
-    if cls is pfedhn_pc:
+    if variant == "pfedhn-pc":
         assert not any(n.startswith("head.") for n in message.tensors)
         heads = [fed.store.get(k)["private"]["head.weight"] for k in data.train_clients if k in fed.store]
         assert len(heads) > 2
@@ -163,7 +167,8 @@ def _first_heads(data: FederatedDataModule, torch_seed: int, private_init: str =
     """Each client's private head before its first step (load_client_state(None)), from a module built under
     ``torch_seed`` (another network initialization)."""
     torch.manual_seed(torch_seed)
-    client = pfedhn_pc(MLP(input_shape=[1, 8, 8], hidden=[16], num_classes=10), private_init=private_init)
+    net = MLP(input_shape=[1, 8, 8], hidden=[16], num_classes=10)
+    client = PFedHN(net, private_prefixes=["head"], private_init=private_init)
     heads = []
     for k in data.train_clients:
         client.context = ClientContext(k, 0, data.client_data(k), 16, torch.Generator(), seed=data.seed)
@@ -220,7 +225,7 @@ def test_private_init_does_not_touch_pfedhn_without_private_modules() -> None:
 def test_private_init_is_validated() -> None:
     """An unknown private_init, or a private module without reset_parameters, is refused with the fix."""
     with pytest.raises(ValueError, match=r"private_init='fresh'.*'independent', 'shared'"):
-        pfedhn_pc(MLP(hidden=[8]), private_init="fresh")
+        PFedHN(MLP(hidden=[8]), private_prefixes=["head"], private_init="fresh")
 
     class Scale(nn.Module):
         def __init__(self) -> None:
@@ -236,14 +241,16 @@ def test_private_init_is_validated() -> None:
     PFedHN(net, private_prefixes=["1"], private_init="shared")
 
 
-@pytest.mark.parametrize("cls", [PFedHN, pfedhn_pc], ids=["pfedhn", "pfedhn-pc"])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, cls: Callable[..., PFedHN]) -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, variant: str) -> None:
     """Stopping after step 3 of 6 and resuming from last.ckpt (hypernetwork, its momentum, private heads)
     gives the same evaluations as the uninterrupted run."""
 
     def fit(steps: int, dirpath: str, seed: int, ckpt_path: str | None = None) -> Federation:
         torch.manual_seed(seed)  # another init on resume: the checkpoint must override it
-        fed = Federation(cls(MLP(hidden=[16]), local_steps=5, new_client_steps=2), clients_per_round=1)
+        client_kwargs, server_kwargs = VARIANTS[variant]
+        client = PFedHN(MLP(hidden=[16]), local_steps=5, **client_kwargs)
+        fed = Federation(client, server=PFedHNServer(new_client_steps=2, **server_kwargs), clients_per_round=1)
         callbacks = [FederationCheckpoint(dirpath=str(tmp_path / dirpath))]
         make_trainer(steps, enable_checkpointing=True, callbacks=callbacks).fit(fed, _digits(0.2), ckpt_path=ckpt_path)
         return fed
@@ -257,3 +264,92 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, cls: Callable[.
 
     assert metrics(full) == metrics(resumed)
     assert "val/new_clients_acc" in full.history[-1]
+
+
+def _same(a: object, b: object) -> bool:
+    """Whether two nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _cli_run(config: Path, tmp_path: Path, name: str, *extra: str) -> Federation:
+    from pflight.cli import PflightCLI
+
+    args = ["fit", "--config", str(config), "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / name)]
+    return PflightCLI(args=[*args, *extra]).model
+
+
+def test_model_server_with_the_defaults_equals_the_default_server(tmp_path: Path, monkeypatch) -> None:
+    """configs/pfedhn/digits_pc.yaml with `model.server` set to PFedHNServer's defaults (the values the client's
+    former `server_*` arguments defaulted to) is bit-identical to the run without `model.server` (the client's
+    default server): hypernetwork, its optimizer, private heads and evaluations; the config's own server settings
+    (lr 0.05, new_client_steps 20) reach the server and change the run."""
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    defaults = {
+        "class_path": "pflight.algorithms.PFedHNServer",
+        "init_args": {
+            "embedding_dim": None, "hidden_dim": 100, "n_hidden": 3, "lr": 0.01, "momentum": 0.9,
+            "weight_decay": 1e-3, "embed_lr": None, "grad_clip": 50.0, "optimizer": None, "new_client_steps": 50,
+            "spectral_norm": False,
+        },
+    }  # fmt: skip
+    short = ["--trainer.max_epochs", "2", "--model.eval_every", "2", "--model.client.init_args.local_steps", "3"]
+    config = CONFIGS / "pfedhn" / "digits_pc.yaml"
+    runs = {
+        "explicit": _cli_run(config, tmp_path, "explicit", *short, "--model.server", json.dumps(defaults)),
+        "default": _cli_run(config, tmp_path, "default", *short, "--model.server", "null"),
+        "shipped": _cli_run(config, tmp_path, "shipped", *short),
+    }
+
+    def result(fed: Federation) -> dict:
+        history = [{k: v for k, v in h.items() if "acc" in k or "loss" in k} for h in fed.history]
+        store = {k: fed.store.get(k) for k in sorted(fed.store)}  # the private heads and their optimizer states
+        return {"server": fed.server.state_dict(), "store": store, "history": history}
+
+    explicit, default, shipped = (result(runs[name]) for name in ("explicit", "default", "shipped"))
+    assert default["store"]
+    assert "val/new_clients_acc" in default["history"][-1]
+    assert _same(explicit, default)
+    assert (runs["shipped"].server.lr, runs["shipped"].server.new_client_steps) == (0.05, 20)
+    assert not _same(shipped["server"]["hypernetwork"], default["server"]["hypernetwork"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_injected_server_generates_what_the_client_does_not_keep(variant: str) -> None:
+    """A server built apart from its client (`model.server`) asks the client what it keeps private at setup: it
+    generates exactly the client's other parameters (pFedHN-PC: all but the head), with no setting of its own."""
+    client_kwargs, server_kwargs = VARIANTS[variant]
+    client = PFedHN(_target("cnn"), **client_kwargs)
+    fed = run_federation(
+        client, _digits(), rounds=1, federation_kwargs={"server": PFedHNServer(**server_kwargs), "clients_per_round": 1}
+    )
+    private = client_kwargs.get("private_prefixes", [])
+    shared = [n for n, _ in client.net.named_parameters() if not any(n.startswith(p + ".") for p in private)]
+    assert fed.server.private_prefixes == private
+    assert list(fed.server.message_for(0).tensors) == shared
+    assert fed.server.hypernetwork.names == shared
+
+
+def test_server_settings_given_to_the_client_are_refused(tmp_path: Path, capsys) -> None:
+    """The hypernetwork's settings are the server's only: the former client form (`server_lr` under the client) is
+    refused naming the argument, in Python and in a config; the server takes no `private_prefixes` (the client's)."""
+    with pytest.raises(TypeError, match="server_lr"):
+        PFedHN(MLP(hidden=[8]), server_lr=0.05)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="private_prefixes"):
+        PFedHNServer(private_prefixes=["head"])  # type: ignore[call-arg]
+    from pflight.cli import PflightCLI
+
+    raw = yaml.safe_load((CONFIGS / "pfedhn" / "digits_pc.yaml").read_text())
+    server = raw["model"].pop("server")
+    raw["model"]["client"]["init_args"]["server_lr"] = server["init_args"]["lr"]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit):
+        PflightCLI(args=["--config", str(old), "--trainer.logger", "false"], run=False)
+    assert "'server_lr' is not accepted" in capsys.readouterr().err

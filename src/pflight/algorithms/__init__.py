@@ -5,11 +5,11 @@ from pflight.algorithms.baselines import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.distillation import EWCAdaptation, FreezeBaseAdaptation, KDAdaptation, LocalAdaptation
 from pflight.algorithms.ditto import Ditto
 from pflight.algorithms.fedmd import FedMD
-from pflight.algorithms.fedora import Fedora
+from pflight.algorithms.fedora import Fedora, FedoraServer
 from pflight.algorithms.maml import MAML, MetaSGD
 from pflight.algorithms.perfedavg import PerFedAvg
 from pflight.algorithms.personal_layers import FedBABU, FedBN, FedPer, FedRep, LGFedAvg
-from pflight.algorithms.pfedhn import PFedHN
+from pflight.algorithms.pfedhn import PFedHN, PFedHNServer
 from pflight.algorithms.pfedme import PFedMe, PFedMeServer
 from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
 
@@ -24,6 +24,7 @@ __all__ = [
     "FedBN",
     "FedMD",
     "Fedora",
+    "FedoraServer",
     "FedPer",
     "FedProx",
     "FedRep",
@@ -34,6 +35,7 @@ __all__ = [
     "LocalOnly",
     "MetaSGD",
     "PFedHN",
+    "PFedHNServer",
     "PFedMe",
     "PFedMeServer",
     "PerFedAvg",

@@ -16,7 +16,8 @@ signature (edges to the existing clients only), starts from its ``theta_hat_new`
 with the same pull on its train split (unlabeled new clients: x-only signatures, no fine-tuning).
 
 Defaults are the official code's (``junwu6/FEDORA``): ``tau=10``, ``m=2``, ``alpha=0.8``, divisor 2,
-SGD lr 5e-3, momentum 0.9, weight decay 5e-5, 5 local epochs.
+SGD lr 5e-3, momentum 0.9, weight decay 5e-5, 5 local epochs. The graph's settings are :class:`FedoraServer`'s
+(``model.server`` in a config); the client's ``new_client_labels`` tells the server how new clients sign.
 
 Deviation, partial participation (``absent``): the official loop always trains every client. Its server
 list holds, for a client that did not train this round, its last *propagated* ``theta_hat_j``, so a literal
@@ -241,14 +242,15 @@ class FedoraServer(Server):
       mix back to it; offered to reproduce a literal reading of the official loop.
 
     Both give the same mix when every client trains. New clients mix the latest personal models in both
-    modes (their fixed-point row is a row of ``P`` over personal models; the official code has none).
+    modes (their fixed-point row is a row of ``P`` over personal models; the official code has none). They sign
+    with labels when the client says they have some (``Fedora(new_client_labels=...)``), else every signature
+    the server compares theirs with is x-only.
 
     Args:
         tau: temperature of the edge weights ``exp(tau * s_kj)``.
         num_neighbors: out-edges ``m`` per client (top-``m``, self excluded).
         alpha: propagation restart parameter in ``P = (1 - alpha)(I - alpha A_hat)^-1``.
         signature_rank: singular vectors ``q`` per signature.
-        new_client_labels: new clients sign with labels (else x-only signatures on both sides).
         absent: what a client that did not report this round contributes to the mix, ``"personal"`` or
             ``"propagated"`` (see above).
     """
@@ -259,7 +261,6 @@ class FedoraServer(Server):
         num_neighbors: int = 2,
         alpha: float = 0.8,
         signature_rank: int = 1,
-        new_client_labels: bool = True,
         absent: str = "personal",
     ) -> None:
         if not 0.0 <= alpha < 1.0:
@@ -272,7 +273,7 @@ class FedoraServer(Server):
         self.num_neighbors = num_neighbors
         self.alpha = alpha
         self.signature_rank = signature_rank
-        self.new_client_labels = new_client_labels
+        self.new_client_labels = True  # the client's, learned in `setup`
         self.absent = absent
         self.client_ids: list[int] = []
         self.adjacency = torch.zeros(0, 0, dtype=torch.float64)  # A_hat over the training clients
@@ -290,12 +291,8 @@ class FedoraServer(Server):
         """Each client's one-time signature message, as it would send it (``(K, D, q)``)."""
 
         def sign(client: Any, ctx: ClientContext) -> Tensor:
-            if not isinstance(client, Fedora):
-                raise TypeError(
-                    f"`FedoraServer` needs a `pflight.algorithms.fedora.Fedora` client, got {type(client).__name__}:"
-                    " use `class_path: pflight.algorithms.fedora.Fedora` for the client."
-                )
-            return client.signature(ctx, info.num_classes, labeled=labeled, rank=self.signature_rank).tensors["u"].cpu()
+            u = _fedora(client).signature(ctx, info.num_classes, labeled=labeled, rank=self.signature_rank)
+            return u.tensors["u"].cpu()
 
         return torch.stack([info.ask(k, sign, Stream.FEDORA_SIGNATURE) for k in ids])
 
@@ -311,6 +308,7 @@ class FedoraServer(Server):
         self.received = dict.fromkeys(self.client_ids, self.initial)  # P theta_0 = theta_0 exactly
         self.new_rows = {}
         if info.new_clients:
+            self.new_client_labels = info.ask(info.new_clients[0], _new_client_labels, Stream.FEDORA_SIGNATURE)
             new = self._signatures(info, info.new_clients, labeled=self.new_client_labels)
             old = sigs if self.new_client_labels else self._signatures(info, self.client_ids, labeled=False)
             weights = torch.exp(self.tau * principal_angle_similarity(new, old).double())  # (new, K)
@@ -404,23 +402,20 @@ class FedoraServer(Server):
 class Fedora(ClientModule):
     """FEDORA's client: a persistent personal model, pulled toward its own theta_hat_k when that helps.
 
+    The graph's settings (``tau``, ``num_neighbors``, ``alpha``, ``signature_rank``, ``absent``) are
+    :class:`FedoraServer`'s (the default server), configured under ``model.server``.
+
     Args:
         net: the target network (all clients share its initialization theta_0).
         lr: local SGD learning rate ``eta`` (also the pull's step size, even with another ``optimizer``).
         momentum: local SGD momentum (fresh each round; the pull bypasses it).
         weight_decay: local SGD weight decay (the pull bypasses it).
         local_epochs: passes over the train split per round.
-        tau: edge temperature ``exp(tau * s)`` (server).
-        num_neighbors: ``m`` out-edges per client (server).
-        alpha: propagation parameter of ``P`` (server).
         lambda_divisor: ``lambda = exp((l_k - l_hat_k) / lambda_divisor)``.
         max_lambda: optional cap on lambda (None: uncapped, as the official code).
-        signature_rank: singular vectors per signature (server).
-        new_client_labels: new clients have labels: fine-tune with the pull (else use theta_hat_new as is).
+        new_client_labels: new clients have labels: they sign with them (the server learns it) and fine-tune with the
+            pull (else they use theta_hat_new as is).
         new_client_epochs: fine-tuning passes for a new client (None: ``local_epochs``).
-        absent: what a client that did not train this round contributes to the server's mix: its latest
-            ``"personal"`` model (default) or its last ``"propagated"`` theta_hat (server; see
-            :class:`FedoraServer`).
         **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
     """
 
@@ -432,42 +427,28 @@ class Fedora(ClientModule):
         weight_decay: float = 5e-5,
         local_epochs: int = 5,
         *,
-        tau: float = 10.0,
-        num_neighbors: int = 2,
-        alpha: float = 0.8,
         lambda_divisor: float = 2.0,
         max_lambda: float | None = None,
-        signature_rank: int = 1,
         new_client_labels: bool = True,
         new_client_epochs: int | None = None,
-        absent: str = "personal",
         **kwargs: Any,
     ) -> None:
         super().__init__(net, lr=lr, momentum=momentum, weight_decay=weight_decay, local_epochs=local_epochs, **kwargs)
-        if absent not in ABSENT_MODES:
-            raise ValueError(f"`Fedora(absent={absent!r})` is not valid: use one of {ABSENT_MODES}.")
         if lambda_divisor <= 0:
             raise ValueError(f"`Fedora(lambda_divisor={lambda_divisor})` must be > 0.")
         if max_lambda is not None and max_lambda < 0:
             raise ValueError(f"`Fedora(max_lambda={max_lambda})` must be >= 0 or None.")
         if new_client_epochs is not None and new_client_epochs < 0:
             raise ValueError(f"`Fedora(new_client_epochs={new_client_epochs})` must be >= 0 or None.")
-        self.tau = tau
-        self.num_neighbors = num_neighbors
-        self.alpha = alpha
         self.lambda_divisor = lambda_divisor
         self.max_lambda = max_lambda
-        self.signature_rank = signature_rank
         self.new_client_labels = new_client_labels
         self.new_client_epochs = new_client_epochs
-        self.absent = absent
 
     @override
     def configure_server(self) -> Server:
-        """FEDORA's propagation server with this client's graph constants."""
-        return FedoraServer(
-            self.tau, self.num_neighbors, self.alpha, self.signature_rank, self.new_client_labels, self.absent
-        )
+        """FEDORA's propagation server, with its defaults (set others under ``model.server``)."""
+        return FedoraServer()
 
     def signature(self, ctx: ClientContext, num_classes: int, labeled: bool = True, rank: int = 1) -> Message:
         """The one-time ``signature`` message of client ``ctx`` (from its train split)."""
@@ -574,6 +555,21 @@ class Fedora(ClientModule):
             after_step=self.after_local_step,
             state={"received": self.received, "lam": torch.tensor(lam, dtype=torch.float64)},
         )  # fmt: skip
+
+
+def _fedora(client: Any) -> Fedora:
+    """``client``, which FedoraServer's questions need to be a :class:`Fedora` client."""
+    if not isinstance(client, Fedora):
+        raise TypeError(
+            f"`FedoraServer` needs a `pflight.algorithms.fedora.Fedora` client, got {type(client).__name__}:"
+            " use `class_path: pflight.algorithms.fedora.Fedora` for the client."
+        )
+    return client
+
+
+def _new_client_labels(client: Any, ctx: ClientContext) -> bool:
+    """Whether new clients have labels (FedoraServer's question in ``setup``): the client's ``new_client_labels``."""
+    return _fedora(client).new_client_labels
 
 
 __all__ = [

@@ -8,8 +8,8 @@ One server step serves one client (``Federation(clients_per_round=1)``; a "round
             g_phi = (d theta_i / d phi)^T delta   # VJP = grad of 1/2 ||h(v_i; phi) - sg(theta~_i)||^2
             clip ||g_phi||, one optimizer step on phi (v_i included)
 
-pFedHN-PC (``PFedHN(private_prefixes=["head"], server_lr=5e-2)``, the configs ``pfedhn/*_pc.yaml``) generates
-everything but the classifier head; each client keeps a private head with a persistent optimizer. As in the
+pFedHN-PC (``PFedHN(private_prefixes=["head"])`` with ``PFedHNServer(lr=5e-2)``, the configs ``pfedhn/*_pc.yaml``)
+generates everything but the classifier head; each client keeps a private head with a persistent optimizer. As in the
 official code (one ``LocalLayer`` built per client), every client's head
 starts from its own default initialization, drawn from a generator seeded by (data seed, client), so runs
 are reproducible and independent of the global RNG (``private_init="shared"``: every head starts from the
@@ -20,7 +20,8 @@ same rule while phi stays frozen.
 Defaults are the official code's (``AvivSham/pFedHN``): embedding dim ``int(1 + N / 4)``, trunk
 of 100 units with 3 hidden layers, one linear head per target tensor; 50 inner steps of SGD
 (lr 5e-3, momentum 0.9, wd 5e-5, clip 50); server SGD (lr 1e-2, 5e-2 for PC; momentum 0.9, wd 1e-3,
-clip 50).
+clip 50). The hypernetwork's settings are :class:`PFedHNServer`'s (``model.server`` in a config); the client's
+``private_prefixes`` tell the server what not to generate.
 """
 
 from __future__ import annotations
@@ -190,7 +191,6 @@ class PFedHNServer(Server):
         grad_clip: max norm of the hypernetwork gradient (None: no clipping).
         optimizer: a server optimizer other than SGD, e.g. ``torch.optim.Adam``; it receives two
             parameter groups (trunk and heads; embeddings, with ``lr=embed_lr`` when set).
-        private_prefixes: target modules that are not generated (pFedHN-PC: the head).
         new_client_steps: server steps that fit a new client's embedding (phi frozen) at evaluation.
         spectral_norm: spectral normalization in the hypernetwork.
     """
@@ -206,7 +206,6 @@ class PFedHNServer(Server):
         embed_lr: float | None = None,
         grad_clip: float | None = 50.0,
         optimizer: OptimizerCallable | None = None,
-        private_prefixes: Sequence[str] = (),
         new_client_steps: int = 50,
         spectral_norm: bool = False,
     ) -> None:
@@ -223,7 +222,7 @@ class PFedHNServer(Server):
         self.embed_lr = embed_lr
         self.grad_clip = grad_clip
         self.optimizer_factory = optimizer
-        self.private_prefixes = list(private_prefixes)
+        self.private_prefixes: list[str] = []  # the client's (pFedHN-PC: ["head"]), learned in `setup`
         self.new_client_steps = new_client_steps
         self.spectral_norm = spectral_norm
         self.hypernetwork: HyperNetwork | None = None
@@ -253,12 +252,13 @@ class PFedHNServer(Server):
 
     @override
     def setup(self, info: FederationInfo) -> None:
-        """Called once: build ``h`` for every client (seeded by the data seed) and its optimizer."""
+        """Called once: ask the client what it keeps private; build ``h`` for the rest (seeded by the data seed)."""
         if info.network is None:
             raise ValueError("`PFedHNServer` builds its hypernetwork for the clients' network: `info.network` is None.")
         self._info = info
         self.train_clients = list(info.train_clients)
         self.new_clients = set(info.new_clients)
+        self.private_prefixes = info.ask(self.train_clients[0], _private_prefixes, Stream.PFEDHN_INIT)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(stream_seed(info.seed, Stream.PFEDHN_INIT))
             self.hypernetwork = HyperNetwork.for_target(
@@ -379,7 +379,8 @@ class PFedHNServer(Server):
 class PFedHN(ClientModule):
     """pFedHN's client: inner SGD steps from the generated weights; uploads the trained weights.
 
-    The hypernetwork's arguments are forwarded to :class:`PFedHNServer` (the default server).
+    The hypernetwork and its optimizer are the server's settings: :class:`PFedHNServer` (the default server),
+    configured under ``model.server`` (e.g. pFedHN-PC's ``lr: 0.05``); it learns ``private_prefixes`` from the client.
 
     Args:
         net: the target network (MLP or LeNet-style CNN; any network with parameters works).
@@ -389,18 +390,8 @@ class PFedHN(ClientModule):
         local_steps: inner steps per server step (random minibatches of the train split).
         optimizer: an inner optimizer other than SGD.
         inner_grad_clip: max gradient norm of the generated tensors in the inner loop (None: none).
-        private_prefixes: modules of ``net`` kept private, with a persistent optimizer (pFedHN-PC).
-        embedding_dim: client embedding size (None: ``int(1 + N / 4)``).
-        hidden_dim: hypernetwork trunk width.
-        n_hidden: hypernetwork hidden layers.
-        server_lr: hypernetwork learning rate.
-        server_momentum: hypernetwork SGD momentum.
-        server_weight_decay: hypernetwork SGD weight decay.
-        embed_lr: embedding learning rate (None: ``server_lr``).
-        server_grad_clip: max norm of the hypernetwork gradient (None: none).
-        server_optimizer: a hypernetwork optimizer other than SGD (e.g. ``torch.optim.Adam``).
-        new_client_steps: server steps that fit a new client's embedding at evaluation.
-        spectral_norm: spectral normalization in the hypernetwork.
+        private_prefixes: modules of ``net`` kept private, with a persistent optimizer, and not generated by the
+            server (pFedHN-PC).
         private_init: how the private modules start (PC): ``"independent"`` (default, the official code): a
             fresh default initialization per client (``reset_parameters`` under a generator seeded by the data
             seed and the client); ``"shared"``: the module's own initial values for every client.
@@ -416,17 +407,6 @@ class PFedHN(ClientModule):
         optimizer: OptimizerCallable | None = None,
         inner_grad_clip: float | None = 50.0,
         private_prefixes: list[str] | None = None,
-        embedding_dim: int | None = None,
-        hidden_dim: int = 100,
-        n_hidden: int = 3,
-        server_lr: float = 1e-2,
-        server_momentum: float = 0.9,
-        server_weight_decay: float = 1e-3,
-        embed_lr: float | None = None,
-        server_grad_clip: float | None = 50.0,
-        server_optimizer: OptimizerCallable | None = None,
-        new_client_steps: int = 50,
-        spectral_norm: bool = False,
         private_init: str = "independent",
     ) -> None:
         super().__init__(net, lr, momentum, weight_decay, 1, local_steps, optimizer)
@@ -452,20 +432,6 @@ class PFedHN(ClientModule):
                     " `private_init='shared'`."
                 )
         self.private_init = private_init
-        self.server_kwargs: dict[str, Any] = {
-            "embedding_dim": embedding_dim,
-            "hidden_dim": hidden_dim,
-            "n_hidden": n_hidden,
-            "lr": server_lr,
-            "momentum": server_momentum,
-            "weight_decay": server_weight_decay,
-            "embed_lr": embed_lr,
-            "grad_clip": server_grad_clip,
-            "optimizer": server_optimizer,
-            "private_prefixes": self.private_prefixes,
-            "new_client_steps": new_client_steps,
-            "spectral_norm": spectral_norm,
-        }
         self.generated: dict[str, Tensor] = {}
         self._private_optimizer: torch.optim.Optimizer | None = None
         self._private_optimizer_state: dict[str, dict[str, Any]] = {}  # name -> optimizer state of that tensor
@@ -474,8 +440,8 @@ class PFedHN(ClientModule):
 
     @override
     def configure_server(self) -> Server:
-        """The hypernetwork server."""
-        return PFedHNServer(**self.server_kwargs)
+        """The hypernetwork server, with its defaults (set others under ``model.server``)."""
+        return PFedHNServer()
 
     def _split_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(generated, private) parameters of the target."""
@@ -640,6 +606,11 @@ class PFedHN(ClientModule):
             self._adapted = (ctx.client_id, self._private_state())
         own = self.net.state_dict()
         return {k: own[k].detach().clone() for k in weights}
+
+
+def _private_prefixes(client: Any, ctx: ClientContext) -> list[str]:
+    """What the client keeps private (PFedHNServer's question in ``setup``); a client other than pFedHN's: nothing."""
+    return list(client.private_prefixes) if isinstance(client, PFedHN) else []
 
 
 __all__ = [
