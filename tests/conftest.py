@@ -68,3 +68,15 @@ def run_federation(
 def digits_data() -> FederatedDataModule:
     """10 digits clients, Dirichlet(0.5) label skew."""
     return FederatedDataModule("digits", num_clients=10, seed=0)
+
+
+def bit_equal(a: object, b: object) -> bool:
+    """Whether two nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(bit_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        same_length = isinstance(b, list | tuple) and len(a) == len(b)
+        return same_length and all(bit_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

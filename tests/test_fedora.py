@@ -42,7 +42,7 @@ from pflight.data.partitioners import rotate_images
 from pflight.messages import Message
 from pflight.models import MLP
 from pflight.streams import Stream
-from tests.conftest import make_trainer, run_federation
+from tests.conftest import bit_equal, make_trainer, run_federation
 
 
 @pytest.fixture(autouse=True)
@@ -470,17 +470,6 @@ def test_propagation_of_changes_equals_the_full_product_over_rounds() -> None:
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-def _same(a: object, b: object) -> bool:
-    """Whether two nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return isinstance(b, list | tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 def test_model_server_with_the_defaults_equals_the_default_server(tmp_path: Path, monkeypatch: Any) -> None:
     """configs/fedora/digits.yaml (new clients included) with `model.server` set to FedoraServer's defaults (the
     values of the client's former graph arguments) is bit-identical to the run without `model.server` (the client's
@@ -506,7 +495,7 @@ def test_model_server_with_the_defaults_equals_the_default_server(tmp_path: Path
         results[name] = {"server": fed.server.state_dict(), "store": store, "history": history}
     assert results["default"]["server"]["new_rows"]
     assert "val/new_clients_acc" in results["default"]["history"][-1]
-    assert _same(results["explicit"], results["default"])
+    assert bit_equal(results["explicit"], results["default"])
     assert not torch.allclose(results["changed"]["server"]["adjacency"], results["default"]["server"]["adjacency"])
 
 

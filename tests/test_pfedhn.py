@@ -25,7 +25,7 @@ from pflight.messages import Message
 from pflight.models import CNN, MLP
 from pflight.server import FederationInfo
 from pflight.streams import Stream, stream_seed
-from tests.conftest import make_trainer, run_federation
+from tests.conftest import bit_equal, make_trainer, run_federation
 
 # (client arguments, server arguments): pFedHN-PC as configs/pfedhn/*_pc.yaml build it, private heads on the client
 # and the paper's server learning rate on the server
@@ -266,17 +266,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, variant: str) -
     assert "val/new_clients_acc" in full.history[-1]
 
 
-def _same(a: object, b: object) -> bool:
-    """Whether two nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return isinstance(b, list | tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 def _cli_run(config: Path, tmp_path: Path, name: str, *extra: str) -> Federation:
     from pflight.cli import PflightCLI
 
@@ -315,9 +304,9 @@ def test_model_server_with_the_defaults_equals_the_default_server(tmp_path: Path
     explicit, default, shipped = (result(runs[name]) for name in ("explicit", "default", "shipped"))
     assert default["store"]
     assert "val/new_clients_acc" in default["history"][-1]
-    assert _same(explicit, default)
+    assert bit_equal(explicit, default)
     assert (runs["shipped"].server.lr, runs["shipped"].server.new_client_steps) == (0.05, 20)
-    assert not _same(shipped["server"]["hypernetwork"], default["server"]["hypernetwork"])
+    assert not bit_equal(shipped["server"]["hypernetwork"], default["server"]["hypernetwork"])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
