@@ -2,9 +2,10 @@
 
 The placement is checked as a pure function on the issue's workload. The rest runs Ditto (a global model and a
 personal model per client) on digits clients of unequal sizes, 4 rounds of 4 of 8 clients, in one process
-here and with 2 and 3 gloo processes in two launches; each launch runs several fits in the same processes
-(``python -m tests.test_sharding <folder> <processes>``, see :func:`launch`), because starting processes
-costs far more than the rounds. Resumes: 2 -> 2 after round 3 (bit-identical); 1 -> 2, 2 -> 3, 2 -> 1 after round 2.
+here and with 2 and 3 gloo processes in three launches (2, 3, then 2 again); each launch runs several fits in
+the same processes (``python -m tests.test_sharding <folder> <processes> <phase>``, see :func:`launch`), because
+starting processes costs far more than the rounds. Resumes: 2 -> 2 after round 3 (bit-identical); 1 -> 2, 2 -> 3,
+3 -> 2, 2 -> 1 and 3 -> 1 after round 2.
 
 Tolerance across numbers of processes (float summation order of the server's ``all_reduce``): weights within
 ``atol=1e-6, rtol=1e-5`` after 4 rounds (measured: at most 6e-8 apart), metrics within 1e-6 (measured 2e-8).
@@ -110,9 +111,11 @@ def fit(dirpath: Path, processes: int = 1, ckpt_path: Path | None = None, **kwar
     trainer.fit(federation, datamodule=data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
 
 
-def launch_plan(root: Path, processes: int) -> None:
+def launch_plan(root: Path, processes: int, phase: str = "first") -> None:
     """The fits of one launch with ``processes`` processes (run by every process, in the same order)."""
-    if processes == 2:
+    if phase == "last":  # after the 3-process launch
+        fit(root / "three_to_two", 2, root / "three" / "round2.ckpt")  # 3 -> 2
+    elif processes == 2:
         fit(root / "two", 2, logger=True)  # uninterrupted
         fit(root / "two_resumed", 2, root / "two" / "round3.ckpt")  # 2 -> 2: round 4 places by the saved holders
         fit(root / "one_to_two", 2, root / "one" / "round2.ckpt", top_k=1)  # 1 -> 2; top-1 rotation
@@ -123,7 +126,7 @@ def launch_plan(root: Path, processes: int) -> None:
     torch.distributed.destroy_process_group()
 
 
-def launch(root: Path, processes: int) -> None:
+def launch(root: Path, processes: int, phase: str = "first") -> None:
     """Start every process of a launch at once, as ``torchrun`` or SLURM would (Lightning's own launcher starts
     the others only once the first has imported everything), and wait for them."""
     with socket.socket() as s:
@@ -133,8 +136,8 @@ def launch(root: Path, processes: int) -> None:
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(processes), NODE_RANK="0")
     procs, logs = [], []
     for rank in range(processes):
-        logs.append(open(root / f"launch{processes}-rank{rank}.log", "w"))  # noqa: SIM115 - closed below
-        command = [sys.executable, "-m", "tests.test_sharding", str(root), str(processes)]
+        logs.append(open(root / f"launch{processes}{phase}-rank{rank}.log", "w"))  # noqa: SIM115 - closed below
+        command = [sys.executable, "-m", "tests.test_sharding", str(root), str(processes), phase]
         procs.append(
             subprocess.Popen(command, cwd=root, env={**env, "LOCAL_RANK": str(rank)}, stdout=logs[-1], stderr=logs[-1])
         )
@@ -151,7 +154,9 @@ def launch(root: Path, processes: int) -> None:
                 p.wait()
             log.close()
     failed = {
-        r: (root / f"launch{processes}-rank{r}.log").read_text()[-2000:] for r, p in enumerate(procs) if p.returncode
+        r: (root / f"launch{processes}{phase}-rank{r}.log").read_text()[-2000:]
+        for r, p in enumerate(procs)
+        if p.returncode
     }
     assert not failed, failed
 
@@ -166,6 +171,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         fit(root / "one")  # the reference
         launch(root, 2)
         launch(root, 3)
+        launch(root, 2, "last")
         fit(root / "two_to_one", 1, root / "two" / "round2.ckpt")  # 2 -> 1
         fit(root / "three_to_one", 1, root / "three" / "round2.ckpt")  # 3 -> 1: three shard files into one process
     finally:
@@ -222,7 +228,7 @@ def test_resume_with_the_same_processes_is_bit_identical(runs):
     assert [[h[m] for m in METRICS] for h in a["history"]] == [[h[m] for m in METRICS] for h in b["history"]]
 
 
-@pytest.mark.parametrize("run", ["one_to_two", "two_to_three", "two_to_one", "three_to_one"])
+@pytest.mark.parametrize("run", ["one_to_two", "two_to_three", "three_to_two", "two_to_one", "three_to_one"])
 def test_resume_with_other_processes_equals_one(runs, run):
     """Resumed after round 2 with another number of processes, the run ends as the 1-process run does."""
     assert_close_runs(final(runs / "one"), final(runs / run))
@@ -282,9 +288,9 @@ def test_a_checkpoint_without_its_shards_fails_plainly(runs, tmp_path):
         trainer.test(federation, datamodule=data, ckpt_path=str(copy), verbose=False)
 
 
-if __name__ == "__main__":  # one launch of several processes: `python -m tests.test_sharding <folder> <processes>`
+if __name__ == "__main__":  # one launch: `python -m tests.test_sharding <folder> <processes> <phase>`
     torch.set_num_threads(1)
-    launch_plan(Path(sys.argv[1]), int(sys.argv[2]))
+    launch_plan(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # everything is on disk: skip the interpreter's teardown of torch (seconds on a busy machine)
