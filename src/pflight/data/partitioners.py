@@ -311,7 +311,25 @@ class QuantitySkewPartitioner(Partitioner):
         return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
-class FeatureSkewPartitioner(Partitioner):
+class _ShiftOverBase(Partitioner):
+    """A covariate-shift partitioner: samples are split by ``self.base``; subclasses shift each client's inputs."""
+
+    base: Partitioner
+
+    def partition(
+        self, labels: np.ndarray, num_clients: int, seed: int, columns: Mapping[str, np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """Called once per data set: ``base.partition``, with ``columns`` only for a base that asks for some."""
+        if self.base.required_columns():
+            return self.base.partition(labels, num_clients, seed, columns=columns)
+        return self.base.partition(labels, num_clients, seed)
+
+    def required_columns(self) -> tuple[str, ...]:
+        """Called before :meth:`partition`: the base partitioner's columns."""
+        return self.base.required_columns()
+
+
+class FeatureSkewPartitioner(_ShiftOverBase):
     """Noise-based feature imbalance: client ``k`` of ``K`` sees its inputs plus noise ``N(0, (sigma * k / K)^2)``.
 
     As NIID-Bench's "noise-based feature imbalance" (Li et al. 2022, Sec. 4.2, "Federated Learning on
@@ -338,16 +356,6 @@ class FeatureSkewPartitioner(Partitioner):
         self.sigma = sigma
         self.base = base if base is not None else IIDPartitioner()
         self.seed = seed
-
-    def partition(
-        self, labels: np.ndarray, num_clients: int, seed: int, columns: Mapping[str, np.ndarray] | None = None
-    ) -> list[np.ndarray]:
-        """Called once per data set: delegate to the base partitioner."""
-        return _delegate(self.base, labels, num_clients, seed, columns)
-
-    def required_columns(self) -> tuple[str, ...]:
-        """Called before :meth:`partition`: the base partitioner's columns."""
-        return self.base.required_columns()
 
     def noise_std(self, client_id: int, num_clients: int) -> float:
         """The noise standard deviation of client ``client_id``: ``sigma * client_id / num_clients``.
@@ -430,19 +438,6 @@ class NaturalIdPartitioner(Partitioner):
         return np.split(by_client.astype(np.int64), np.cumsum(np.bincount(client_of, minlength=num_clients))[:-1])
 
 
-def _delegate(
-    base: Partitioner,
-    labels: np.ndarray,
-    num_clients: int,
-    seed: int,
-    columns: Mapping[str, np.ndarray] | None,
-) -> list[np.ndarray]:
-    """``base.partition``, passing ``columns`` only to a partitioner that asks for some."""
-    if base.required_columns():
-        return base.partition(labels, num_clients, seed, columns=columns)
-    return base.partition(labels, num_clients, seed)
-
-
 def rotate_images(x: Tensor, degrees: float) -> Tensor:
     """Rotate a batch of images ``(N, C, H, W)`` by ``degrees`` counter-clockwise about the centre.
 
@@ -463,7 +458,7 @@ def rotate_images(x: Tensor, degrees: float) -> Tensor:
     return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
-class RotationPartitioner(Partitioner):
+class RotationPartitioner(_ShiftOverBase):
     """Covariate shift as in rotated MNIST: client ``i`` sees its images rotated by ``i * 360 / K``.
 
     Samples are first split by ``base`` (IID by default); the rotation is applied to every split of
@@ -473,16 +468,6 @@ class RotationPartitioner(Partitioner):
     def __init__(self, base: Partitioner | None = None, max_degrees: float = 360.0) -> None:
         self.base = base if base is not None else IIDPartitioner()
         self.max_degrees = max_degrees
-
-    def partition(
-        self, labels: np.ndarray, num_clients: int, seed: int, columns: Mapping[str, np.ndarray] | None = None
-    ) -> list[np.ndarray]:
-        """Called once per data set: delegate to the base partitioner."""
-        return _delegate(self.base, labels, num_clients, seed, columns)
-
-    def required_columns(self) -> tuple[str, ...]:
-        """Called before :meth:`partition`: the base partitioner's columns."""
-        return self.base.required_columns()
 
     def degrees(self, client_id: int, num_clients: int) -> float:
         """The rotation of client ``client_id`` in degrees."""
