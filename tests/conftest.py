@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -80,3 +84,33 @@ def bit_equal(a: object, b: object) -> bool:
         same_length = isinstance(b, list | tuple) and len(a) == len(b)
         return same_length and all(bit_equal(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def flat_state(fed: Any) -> dict[str, torch.Tensor]:
+    """The server's global model and every client's stored state, by one flat name each."""
+    out = {f"global.{n}": t for n, t in fed.server.global_state.items()}
+    for k in fed.store:
+        for key, value in fed.store.get(k).items():
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            out.update({f"{k}.{key}.{n}": t for n, t in items})
+    return out
+
+
+def cli_fit_rows(
+    config: Path, cwd: Path, processes: int, extra: Sequence[str] = ()
+) -> tuple[list[dict[str, str]], str]:
+    """`pflight fit` of ``config`` in a subprocess (2 rounds on 8 clients, CPU, CSV logger in ``cwd``; with
+    ``processes`` > 1 the federated strategy): every row of its `metrics.csv`, and its stderr."""
+    cwd.mkdir(parents=True)
+    args = [
+        *(sys.executable, "-m", "pflight.cli", "fit", "--config", str(config), "--trainer.max_epochs", "2"),
+        *("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "."),
+        *("--trainer.accelerator", "cpu", "--data.num_clients", "8", *extra),
+    ]
+    if processes > 1:
+        args += ["--trainer.strategy", "federated", "--trainer.devices", str(processes)]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(next(cwd.glob("version_*/metrics.csv"))) as f:
+        return list(csv.DictReader(f)), done.stderr

@@ -15,25 +15,9 @@ from pflight.algorithms.apfl import APFL
 from pflight.client import Batch, float_state
 from pflight.data import FederatedDataModule
 from pflight.models import MLP
-from tests.conftest import run_federation
+from tests.conftest import flat_state, run_federation
 from tests.test_resume import fit
 from tests.test_vectorized import assert_same_tensors, ragged_data, run_both
-
-
-def flat_state(fed: Any) -> dict[str, torch.Tensor]:
-    """The server's global model and every client's stored state, by one flat name each."""
-    out = {f"global.{n}": t for n, t in fed.server.global_state.items()}
-    for k in fed.store:
-        for key, value in fed.store.get(k).items():
-            items = value.items() if isinstance(value, dict) else [("", value)]
-            out.update({f"{k}.{key}.{n}": t for n, t in items})
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """The machine is shared: one intra-op thread (conftest restores the count)."""
-    torch.set_num_threads(1)
 
 
 def small_net() -> nn.Module:

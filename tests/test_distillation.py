@@ -32,12 +32,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Small models run fastest on one thread when the machine is shared (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 def _bn_net() -> CNN:
     return CNN(input_shape=[1, 8, 8], channels=[4, 8], hidden=[16], num_classes=10, norm="batch")
 

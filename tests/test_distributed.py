@@ -1,48 +1,19 @@
 """The `federated` strategy: 2 processes (gloo, CPU) give the same federation as 1."""
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pflight.store import read_checkpoint_states
+from tests.conftest import cli_fit_rows
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[dict, dict]:
-    cwd.mkdir(parents=True)
-    args = [
-        sys.executable,
-        "-m",
-        "pflight.cli",
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.max_epochs",
-        "2",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir",
-        ".",
-        "--trainer.accelerator",
-        "cpu",
-        "--data.num_clients",
-        "8",
-        *extra,
-    ]
-    if processes > 1:
-        args += ["--trainer.strategy", "federated", "--trainer.devices", str(processes)]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "sync_dist" not in done.stderr
-    with open(next(cwd.glob("version_*/metrics.csv"))) as f:
-        rows = list(csv.DictReader(f))
+    rows, stderr = cli_fit_rows(config, cwd, processes, extra)
+    assert "sync_dist" not in stderr
     last = [r for r in rows if r.get("val/personalized_acc")][-1]
     path = next(cwd.glob("version_*/checkpoints/last.ckpt"))
     ckpt = torch.load(path, weights_only=False)["pflight"]

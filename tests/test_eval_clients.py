@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +15,7 @@ from pflight.algorithms import FedAvgFT
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.federation import stratified_sample
 from pflight.models import MLP
-from tests.conftest import make_trainer
+from tests.conftest import cli_fit_rows, make_trainer
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 NUM_CLIENTS = 10
@@ -147,20 +143,9 @@ def test_test_and_validate_after_a_sampled_fit_evaluate_all() -> None:
 
 def cli_rows(cwd: Path, processes: int) -> list[dict[str, str]]:
     """The evaluation rows of `metrics.csv` after 2 rounds of FedAvg on 8 digits clients, 3 evaluated."""
-    cwd.mkdir(parents=True)
-    args = [
-        *(sys.executable, "-m", "pflight.cli", "fit", "--config", str(CONFIGS / "fedavg" / "digits.yaml")),
-        *("--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_checkpointing", "false"),
-        *("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "."),
-        *("--data.num_clients", "8", "--model.clients_per_round", "4", "--model.eval_clients", "3"),
-    ]
-    if processes > 1:
-        args += ["--trainer.strategy", "federated", "--trainer.devices", str(processes)]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(next(cwd.glob("version_*/metrics.csv"))) as f:
-        return [r for r in csv.DictReader(f) if r.get("val/personalized_acc")]
+    extra = ["--trainer.enable_checkpointing", "false", "--model.clients_per_round", "4", "--model.eval_clients", "3"]
+    rows, _ = cli_fit_rows(CONFIGS / "fedavg" / "digits.yaml", cwd, processes, extra)
+    return [r for r in rows if r.get("val/personalized_acc")]
 
 
 def test_two_processes_sample_the_same_clients(tmp_path: Path) -> None:

@@ -25,12 +25,6 @@ from tests.conftest import make_trainer, run_federation
 NUM_CLIENTS, ROUNDS, SUBSET = 6, 3, 120
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Small models run fastest on one thread when the machine is shared (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 class RecordingServer(FedMDServer):
     """The FedMD server, recording each round's subset and uploads before aggregating."""
 

@@ -45,12 +45,6 @@ from pflight.streams import Stream
 from tests.conftest import bit_equal, make_trainer, run_federation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models: one intra-op thread avoids oversubscribing a shared CPU (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 def power_series(a_hat: torch.Tensor, alpha: float, terms: int = 400) -> torch.Tensor:
     """(1 - alpha) sum_t alpha^t A_hat^t, truncated where alpha^t is negligible."""
     out = torch.zeros_like(a_hat, dtype=torch.float64)

@@ -29,12 +29,6 @@ from tests.conftest import make_trainer, run_federation
 SHAPE = [1, 4, 4]  # small inputs keep exact Hessians cheap
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine is shared: one intra-op thread (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def attach(client, n=24, batch_size=64, dtype=torch.float64, seed=0):
     """Give ``client`` a context with ``n`` random samples (all of S and Q fit in one batch)."""

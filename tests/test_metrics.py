@@ -8,12 +8,8 @@ accuracy for the built-in accuracy; the run without metrics for the accuracy num
 from __future__ import annotations
 
 import copy
-import csv
 import math
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,7 @@ from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.metrics import ClientMetrics
 from pflight.models import MLP
 from pflight.streams import Stream
-from tests.conftest import run_federation
+from tests.conftest import cli_fit_rows, run_federation
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 NUM_CLASSES = 10
@@ -237,20 +233,9 @@ def test_replicas_are_independent() -> None:
 
 def cli_last_evaluation(cwd: Path, processes: int) -> dict[str, str]:
     """The last evaluation row of `metrics.csv` after 2 rounds of the metrics config on 8 clients, 5 evaluated."""
-    cwd.mkdir(parents=True)
-    args = [
-        *(sys.executable, "-m", "pflight.cli", "fit", "--config", str(CONFIGS / "fedavg_ft" / "digits_metrics.yaml")),
-        *("--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_checkpointing", "false"),
-        *("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "."),
-        *("--data.num_clients", "8", "--model.clients_per_round", "4", "--model.eval_clients", "5"),
-    ]
-    if processes > 1:
-        args += ["--trainer.strategy", "federated", "--trainer.devices", str(processes)]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(next(cwd.glob("version_*/metrics.csv"))) as f:
-        return [r for r in csv.DictReader(f) if r.get("val/personalized_f1")][-1]
+    extra = ["--trainer.enable_checkpointing", "false", "--model.clients_per_round", "4", "--model.eval_clients", "5"]
+    rows, _ = cli_fit_rows(CONFIGS / "fedavg_ft" / "digits_metrics.yaml", cwd, processes, extra)
+    return [r for r in rows if r.get("val/personalized_f1")][-1]
 
 
 @pytest.mark.slow

@@ -34,12 +34,6 @@ BN = ["features.1.weight", "features.1.bias", "features.1.running_mean", "featur
 CNN_REST = ["features.0.weight", "features.0.bias", "features.5.weight", "features.5.bias", *HEAD]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """The machine is shared: one intra-op thread (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return MLP(hidden=[16])

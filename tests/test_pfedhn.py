@@ -33,12 +33,6 @@ VARIANTS = {"pfedhn": ({}, {}), "pfedhn-pc": ({"private_prefixes": ["head"]}, {"
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models: one intra-op thread avoids oversubscribing a shared CPU (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 def _target(kind: str) -> nn.Module:
     if kind == "mlp":
         return MLP(input_shape=[1, 8, 8], hidden=[16], num_classes=10)

@@ -19,12 +19,6 @@ from pflight.streams import Stream
 from tests.conftest import run_federation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models: one intra-op thread avoids oversubscribing a shared CPU (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 # ---------------------------------------------------------------------------------------------- (1) inner solve
 def _quadratic(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """A symmetric positive definite ``A`` (eigenvalues in [0.5, 3]), ``b`` and an anchor ``w``, in float64."""

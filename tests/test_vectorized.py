@@ -25,12 +25,6 @@ from tests.conftest import run_federation
 BATCH = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """The machine is shared: one intra-op thread (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 def ragged_data() -> FederatedDataModule:
     """6 digits clients whose train splits need 4 to 11 batches of 32, the last batch of 1 to 29 samples."""
     data = FederatedDataModule(

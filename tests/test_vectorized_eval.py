@@ -29,12 +29,6 @@ BATCH = 32
 LOSS_TOL = {"rel": 1e-5, "abs": 1e-6}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """The machine is shared: one intra-op thread (conftest restores the count)."""
-    torch.set_num_threads(1)
-
-
 def eval_data() -> FederatedDataModule:
     """8 digits clients, 2 of them new; train splits end on ragged batches of 32."""
     data = FederatedDataModule(
