@@ -10,7 +10,7 @@ FedAvg thing) until overridden.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -22,6 +22,7 @@ from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
 from pflight.data.datamodule import ClientData
+from pflight.fused_mlp import sgd_update_
 from pflight.messages import Message
 from pflight.server import FedAvgServer, Server
 
@@ -281,47 +282,6 @@ class FineTune:
             return {**out, "loss": out["loss"].float()} if isinstance(out, dict) else out.float()
 
         return objective
-
-
-@torch.no_grad()
-def elementwise_sgd_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    lrs: Sequence[Tensor],
-    buffers: Sequence[Tensor] | None = None,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    first_step: bool = False,
-) -> None:
-    """``torch.optim.SGD``'s step with a learning-rate tensor per parameter, in place: ``p <- p - lr * d``.
-
-    ``d`` is the gradient plus ``weight_decay * p``, through the momentum buffer when ``momentum`` is not 0 (the
-    buffer starts as ``d`` on ``first_step``). With a scalar learning rate it is SGD's update:
-
-    >>> p, ref = torch.tensor([1.0, 2.0]), torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    >>> opt, buf = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=0.01), torch.zeros(2)
-    >>> for step in range(3):
-    ...     ref.grad = torch.tensor([0.5, -1.0]) * (step + 1)
-    ...     opt.step()
-    ...     elementwise_sgd_([p], [ref.grad], [torch.tensor(0.1)], [buf], 0.9, 0.01, first_step=step == 0)
-    >>> torch.allclose(p, ref.detach())
-    True
-    >>> q = torch.tensor([1.0, 1.0])
-    >>> elementwise_sgd_([q], [torch.tensor([2.0, 4.0])], [torch.tensor([0.5, 0.25])])
-    >>> q.tolist()
-    [0.0, 0.0]
-    """
-    for i, (p, g, lr) in enumerate(zip(params, grads, lrs, strict=True)):
-        d = g if weight_decay == 0 else g + weight_decay * p
-        if momentum != 0:
-            if buffers is None:
-                raise ValueError("`elementwise_sgd_(momentum=...)` needs momentum `buffers`.")
-            if first_step:
-                buffers[i].copy_(d)
-            else:
-                buffers[i].mul_(momentum).add_(d)
-            d = buffers[i]
-        p.sub_(lr * d)
 
 
 _REDUCTIONS = {"mean", "sum", "max", "min"}
@@ -673,8 +633,8 @@ class ClientModule(pl.LightningModule):
 
         Each batch (``plan.steps`` of them, or ``plan.epochs`` passes; ``plan.batch`` every step when given) takes
         ``plan.repeat`` steps of ``plan.loss`` (the batch's cross-entropy by default), each followed by
-        ``plan.after_step``; the update is ``torch.optim.SGD``'s, or with per-parameter learning rates
-        :func:`elementwise_sgd_`.
+        ``plan.after_step``; the update is ``torch.optim.SGD``'s (:func:`~pflight.fused_mlp.sgd_update_`, with
+        per-parameter learning rates elementwise).
         """
         if plan.steps <= 0 and plan.epochs <= 0:
             return
@@ -686,7 +646,7 @@ class ClientModule(pl.LightningModule):
             batches = ctx.batches("train", epochs=max(plan.epochs, 1), steps=plan.steps if plan.steps > 0 else None)
         lr = plan.lr if plan.lr is not None else self.lr
         named = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
-        opt = None
+        params = [p for _, p in named]
         if isinstance(lr, Mapping):
             missing = [n for n, _ in named if n not in lr]
             if missing:
@@ -694,10 +654,8 @@ class ClientModule(pl.LightningModule):
                     f"`FineTune(lr=...)` has no learning rate for the trainable parameters {missing}: give a tensor"
                     " for every one (or a float for all)."
                 )
-            lrs = [lr[n].to(p) for n, p in named]
-            buffers = [torch.zeros_like(p) for _, p in named] if plan.momentum != 0 else None
-        else:
-            opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+            lr = [lr[n].to(p) for n, p in named]
+        buffers = [torch.zeros_like(p) for p in params] if plan.momentum != 0 else None
         state = dict(plan.state)
         objective = plan.objective(self.net)
         was_training = self.net.training
@@ -707,25 +665,16 @@ class ClientModule(pl.LightningModule):
             for x, y in batches:
                 for _ in range(plan.repeat):
                     before = float_state(self.net) if plan.after_step is not None else None
-                    for _, p in named:
-                        p.grad = None
                     loss = objective(self.params(), Batch(x, y), state)
                     if isinstance(loss, dict):
                         state.update(loss.get("state") or {})
                         loss = loss["loss"]
-                    loss.backward()
-                    if opt is not None:
-                        opt.step()
-                    else:
-                        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in named]
-                        elementwise_sgd_(
-                            [p for _, p in named], grads, lrs, buffers, plan.momentum, plan.weight_decay, step == 0
-                        )
-                    if before is not None:
-                        with torch.no_grad():
-                            params = {n: t.detach() for n, t in self.params().items()}
-                            load_float_state(self.net, plan.after_step(params, before, state))
+                    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)  # vmap's
+                    with torch.no_grad():
+                        wd, first = plan.weight_decay, step == 0
+                        sgd_update_(params, list(grads), buffers, lr, plan.momentum, weight_decay=wd, first_step=first)
+                        if before is not None:
+                            now = {n: t.detach() for n, t in self.params().items()}
+                            load_float_state(self.net, plan.after_step(now, before, state))
                     step += 1
-        for _, p in named:
-            p.grad = None
         self.net.train(was_training)

@@ -95,7 +95,7 @@ def sgd_update_(
     params: list[Tensor],
     grads: list[Tensor],
     buffers: list[Tensor] | None,
-    lr: float,
+    lr: float | Sequence[Tensor],
     momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
@@ -105,7 +105,8 @@ def sgd_update_(
 ) -> None:
     """``torch.optim.SGD``'s step, in place, on (stacked) tensors; ``buffers`` holds the momentum buffers.
 
-    On ``first_step`` a buffer starts as the step's direction, as SGD's fresh state does.
+    On ``first_step`` a buffer starts as the step's direction, as SGD's fresh state does. ``lr`` may be a tensor per
+    parameter, applied elementwise, ``p <- p - lr * d`` (Meta-SGD's learned alpha).
 
     >>> w, buf = torch.tensor([1.0, 2.0]), torch.zeros(2)
     >>> ref = torch.nn.Parameter(w.clone())
@@ -117,6 +118,10 @@ def sgd_update_(
     ...     sgd_update_([w], [g], [buf], 0.1, 0.9, 0.1, 0.01, first_step=step == 0)
     >>> torch.equal(w, ref.detach())
     True
+    >>> q = torch.tensor([1.0, 1.0])
+    >>> sgd_update_([q], [torch.tensor([2.0, 4.0])], None, [torch.tensor([0.5, 0.25])])
+    >>> q.tolist()
+    [0.0, 0.0]
     """
     if maximize:
         grads = torch._foreach_neg(grads)
@@ -132,7 +137,11 @@ def sgd_update_(
             torch._foreach_mul_(buffers, momentum)
             torch._foreach_add_(buffers, grads, alpha=1 - dampening)
         grads = torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers
-    torch._foreach_add_(params, grads, alpha=-lr)
+    if isinstance(lr, (int, float)):
+        torch._foreach_add_(params, grads, alpha=-lr)
+    else:
+        for p, d, rate in zip(params, grads, lr, strict=True):
+            p.sub_(rate * d)
 
 
 @torch.no_grad()

@@ -66,7 +66,6 @@ from pflight.client import (
     ClientModule,
     FineTune,
     Objective,
-    elementwise_sgd_,
     float_state,
     load_float_state,
     state_tensors,
@@ -386,7 +385,7 @@ class Stepper:
     objective the base class's cross-entropy (plus its proximal term) and the optimizer SGD, the step is
     :func:`~pflight.fused_mlp.fused_sgd_step_` instead: no autograd graph, no materialized gradient. With ``lrs``
     (``name -> (C, ...)``, a learning rate per client and element) the update is
-    :func:`~pflight.client.elementwise_sgd_` with the SGD hyperparameters.
+    :func:`~pflight.fused_mlp.sgd_update_` with those rates.
     """
 
     def __init__(
@@ -497,17 +496,12 @@ class Stepper:
             params = [run.state[n][:m] for n in run.trainable]
             grad_list = [grads[n] for n in run.trainable]
             bufs = [buffers[n] for n in run.trainable] if buffers is not None else None
-            if self.lrs is not None:
-                lrs = [self.lrs[n][:m] for n in run.trainable]
-                elementwise_sgd_(
-                    params, grad_list, lrs, bufs, self.hyper["momentum"], self.hyper["weight_decay"], t == 0
-                )
-                return
+            lr = [self.lrs[n][:m] for n in run.trainable] if self.lrs is not None else self.hyper["lr"]
             sgd_update_(
                 params,
                 grad_list,
                 bufs,
-                lr=self.hyper["lr"],
+                lr=lr,
                 momentum=self.hyper["momentum"],
                 dampening=self.hyper["dampening"],
                 weight_decay=self.hyper["weight_decay"],
