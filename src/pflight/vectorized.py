@@ -556,6 +556,31 @@ def _plan(federation: Federation, ctx: ClientContext, work: float) -> Plan:
     return steps
 
 
+def _inherited(client: ClientModule, hook: str) -> bool:
+    return getattr(type(client), hook) is getattr(ClientModule, hook)
+
+
+def _prologue(
+    federation: Federation, ctx: ClientContext, names: Sequence[str], on_start: Callable | None = None
+) -> Mapping[str, Tensor]:
+    """Client ``ctx``'s sequential prologue (``receive``, ``load_client_state``, ``on_start``): its start weights.
+
+    Where the hooks are the base class's and the message is weights, the weights are the message's tensors (what
+    ``receive`` would load and ``float_state`` read back), with no round trip through the client module.
+    """
+    client, k = federation.client, ctx.client_id
+    client.context, client.round_state = ctx, {}
+    message = federation.server.message_for(k)
+    plain = on_start is None and _inherited(client, "receive") and _inherited(client, "load_client_state")
+    if plain and message is not None and message.kind == "weights" and set(names) <= set(message.tensors):
+        return message.tensors
+    client.receive(message, ctx)
+    client.load_client_state(None if ctx.new_client else federation.store.get(k, federation.device), ctx)
+    if on_start is not None:
+        on_start(ctx)
+    return float_state(client.net)
+
+
 def train_clients(
     federation: Federation, client_ids: list[int], round_idx: int, work: Mapping[int, float] | None = None
 ) -> tuple[dict[int, Message], list[Tensor]]:
@@ -578,28 +603,16 @@ def train_clients(
     contexts, starts, round_states, plans = [], [], [], []
     start_hook = type(client).on_local_train_start is not ClientModule.on_local_train_start  # else no RNG to seed
     end_hook = type(client).on_local_train_end is not ClientModule.on_local_train_end
-    cls = type(client)
-    # hooks that are the base class's need no round trip through the client module: its weights are the message
-    # it receives (prologue), and its upload is its weights (epilogue); the results are those of the hooks
-    plain_in = cls.receive is ClientModule.receive and cls.load_client_state is ClientModule.load_client_state
-    plain_out = all(
-        getattr(cls, hook) is getattr(ClientModule, hook) for hook in ("on_local_train_end", "client_state", "upload")
-    )
+    # the base class's epilogue needs no round trip through the client module: its upload is its weights
+    plain_out = all(_inherited(client, h) for h in ("on_local_train_end", "client_state", "upload"))
+
+    def on_start(ctx: ClientContext) -> None:
+        with federation._seeded(round_idx, ctx.client_id, Stream.TRAIN):
+            client.on_local_train_start(ctx)
+
     for k in client_ids:  # the sequential prologue, then the client's batches from the same generator
         ctx = federation.context(k, round_idx, "train", Stream.TRAIN)
-        client.context = ctx
-        client.round_state = {}
-        message = federation.server.message_for(k)
-        direct = plain_in and not start_hook and message is not None and message.kind == "weights"
-        if direct and set(names) <= set(message.tensors):
-            starts.append(message.tensors)  # what `receive` would load and `float_state` read back
-        else:
-            client.receive(message, ctx)
-            client.load_client_state(federation.store.get(k, device), ctx)
-            if start_hook:
-                with federation._seeded(round_idx, k, Stream.TRAIN):
-                    client.on_local_train_start(ctx)
-            starts.append(float_state(client.net))
+        starts.append(_prologue(federation, ctx, names, on_start if start_hook else None))
         contexts.append(ctx)
         round_states.append(client.round_state)
         plans.append(_plan(federation, ctx, work.get(k, 1.0)))
@@ -763,18 +776,8 @@ def evaluate_clients(
     starts: list[Mapping[str, Tensor]] = []
     plans: list[Plan] = []
     tunes: list[FineTune | None] = []
-    cls = type(client)
-    plain_in = cls.receive is ClientModule.receive and cls.load_client_state is ClientModule.load_client_state
-    for k, ctx in zip(client_ids, contexts, strict=True):  # exactly the sequential prologue
-        client.context = ctx
-        client.round_state = {}
-        message = federation.server.message_for(k)
-        if plain_in and message is not None and message.kind == "weights" and set(names) <= set(message.tensors):
-            starts.append(message.tensors)  # what `receive` would load and `float_state` read back
-        else:
-            client.receive(message, ctx)
-            client.load_client_state(None if ctx.new_client else federation.store.get(k, device), ctx)
-            starts.append(float_state(client.net))
+    for ctx in contexts:  # exactly the sequential prologue
+        starts.append(_prologue(federation, ctx, names))
         ft = plan_of(client, ctx)
         if ft is None or (ft.steps <= 0 and ft.epochs <= 0):
             ft, batches = None, []
