@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 
@@ -49,11 +49,6 @@ def support_query_split(n: int, support_fraction: float, generator: torch.Genera
     n_support = min(n - 1, max(1, round(support_fraction * n)))
     perm = torch.randperm(n, generator=generator)
     return perm[:n_support].sort().values, perm[n_support:].sort().values
-
-
-def _device_type(module: nn.Module) -> str:
-    p = next(module.parameters(), None)
-    return p.device.type if p is not None else "cpu"
 
 
 def _draw(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
