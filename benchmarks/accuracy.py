@@ -57,7 +57,8 @@ class Algo:
 
 
 LR = {"lr": [0.05, 0.2]}
-META = {"inner_lr": [0.1, 0.3], "meta_lr": [0.01]}
+META = {"inner_lr": [0.1, 0.3], "meta_lr": [0.01]}  # meta_lr is FedMetaServer's
+META_SERVER = {"server": "pflight.algorithms.maml.FedMetaServer", "server_args": {"meta_lr": "meta_lr"}}
 PERFEDAVG = {"lr": [0.05, 0.1], "alpha": [0.1]}
 HN = {"server_lr": [0.01, 0.05], "lr": [0.05]}  # server_lr is PFedHNServer's lr
 HN_SERVER = {"server": "pflight.algorithms.PFedHNServer", "server_args": {"server_lr": "lr"}}
@@ -71,9 +72,9 @@ ALGOS: list[Algo] = [
         grid={"lr": [0.1], "finetune_lr": [0.02, 0.05]},
     ),
     Algo("fedprox", "pflight.algorithms.FedProx", grid={"lr": [0.1], "mu": [0.01, 0.1]}),
-    Algo("maml", "pflight.algorithms.MAML", cost=3, grid=META),
-    Algo("fomaml", "pflight.algorithms.MAML", cost=2, fixed={"first_order": True}, grid=META),
-    Algo("metasgd", "pflight.algorithms.MetaSGD", cost=3, grid=META),
+    Algo("maml", "pflight.algorithms.MAML", cost=3, grid=META, **META_SERVER),
+    Algo("fomaml", "pflight.algorithms.MAML", cost=2, fixed={"first_order": True}, grid=META, **META_SERVER),
+    Algo("metasgd", "pflight.algorithms.MetaSGD", cost=3, grid=META, **META_SERVER),
     Algo("perfedavg_fo", "pflight.algorithms.PerFedAvg", cost=2, fixed={"variant": "fo"}, grid=PERFEDAVG),
     Algo("perfedavg_hf", "pflight.algorithms.PerFedAvg", cost=4, fixed={"variant": "hf"}, grid=PERFEDAVG),
     Algo("perfedavg_maml", "pflight.algorithms.PerFedAvg", cost=3, fixed={"variant": "maml"}, grid=PERFEDAVG),
@@ -88,6 +89,8 @@ ALGOS: list[Algo] = [
         net_arg="nets",
         fixed={"subset_size": 150, "transfer_public_epochs": 5, "transfer_private_epochs": 5},
         grid=LR,
+        server="pflight.algorithms.fedmd.FedMDServer",
+        server_args={"subset_size": "subset_size"},  # the server's public subset
     ),
     Algo("ditto", "pflight.algorithms.Ditto", cost=2, grid={"lr": [0.05, 0.2], "lam": [0.1, 1.0]}),
     Algo("apfl", "pflight.algorithms.APFL", cost=2, grid=LR),

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from pflight import Federation
+from pflight import FedAvgServer, Federation
 from pflight.algorithms import FedAvg
 from pflight.callbacks import FederationCheckpoint, RoundProgressBar
 from pflight.callbacks.checkpoint import atomic_save
@@ -282,8 +282,8 @@ class _ServerLrFrom(pl.Callback):
 
 def _server_momentum(server_lr, rounds, tmp_path=None, ckpt_path=None, callbacks=()):
     pl.seed_everything(0, verbose=False)
-    client = FedAvg(MLP(hidden=[8]), lr=0.1, server_optimizer=lambda p: torch.optim.SGD(p, lr=server_lr, momentum=0.9))
-    fed = Federation(client, clients_per_round=3)
+    server = FedAvgServer(server_optimizer=lambda p: torch.optim.SGD(p, lr=server_lr, momentum=0.9))
+    fed = Federation(FedAvg(MLP(hidden=[8]), lr=0.1), server=server, clients_per_round=3)
     cbs = [*callbacks, *([FederationCheckpoint(dirpath=str(tmp_path))] if tmp_path else [])]
     trainer = make_trainer(rounds, enable_checkpointing=bool(tmp_path), callbacks=cbs)
     trainer.fit(fed, datamodule=FederatedDataModule("digits", num_clients=6), ckpt_path=ckpt_path)

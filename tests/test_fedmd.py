@@ -49,7 +49,6 @@ def _three_nets(num_classes: int = 10) -> list[torch.nn.Module]:
 
 def _client(**kwargs: Any) -> FedMD:
     args: dict[str, Any] = {
-        "subset_size": SUBSET,
         "transfer_public_epochs": 5,
         "transfer_private_epochs": 5,
         "local_epochs": 1,
@@ -250,19 +249,26 @@ def test_separate_public_source_with_shifted_labels() -> None:
     nets = [MLP(hidden=[16], num_classes=13), MLP(hidden=[24], num_classes=13)]
     client = FedMD(
         nets,
-        subset_size=30,
         public_source=TinyPublic(),
         public_label_offset=10,
         private_classes=10,
         transfer_public_epochs=3,
         transfer_private_epochs=2,
     )
-    server = RecordingServer(subset_size=30, public_source=TinyPublic())
+    server = RecordingServer(subset_size=30)  # it asks the client for the public labels
     data = FederatedDataModule("digits", num_clients=4, seed=0)
     federation = run_federation(client, data, rounds=2, federation_kwargs={"server": server})
     assert all(m.tensors["logits"].shape == (30, 13) for m in server.rounds[-1]["uploads"].values())
     assert client(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert federation.history[-1]["val/personalized_acc"] > 0.3
+    assert torch.equal(server.labels, TinyPublic().load()[1])  # the server stratified the client's pool
+
+
+def test_a_server_public_source_other_than_the_clients_is_refused() -> None:
+    """A server given a public source that is not the pool the clients score stops at setup, naming the fix."""
+    server = FedMDServer(subset_size=30, public_source=TinyPublic())  # the clients score the data module's pool
+    with pytest.raises(ValueError, match="not the public pool the clients score"):
+        run_federation(_client(), _data(), rounds=1, federation_kwargs={"server": server})
 
 
 def test_missing_public_data_is_explained() -> None:
@@ -273,14 +279,14 @@ def test_missing_public_data_is_explained() -> None:
 
 def test_public_labels_must_fit_the_outputs() -> None:
     """A public_label_offset past the networks' outputs fails with the sizes and the fix."""
-    client = FedMD([MLP(hidden=[8])], subset_size=10, public_source=TinyPublic(), public_label_offset=10)
+    client = FedMD([MLP(hidden=[8])], public_source=TinyPublic(), public_label_offset=10)
     with pytest.raises(ValueError, match="outputs 10 logits"):
         run_federation(client, FederatedDataModule("digits", num_clients=2, seed=0), rounds=1)
 
 
 def test_architectures_must_agree_on_the_output_size() -> None:
     """Networks with different numbers of logits are refused at setup."""
-    client = FedMD([MLP(hidden=[8]), MLP(hidden=[8], num_classes=12)], subset_size=10)
+    client = FedMD([MLP(hidden=[8]), MLP(hidden=[8], num_classes=12)])
     with pytest.raises(ValueError, match=r"output \[10, 12\] logits"):
         run_federation(client, _data(), rounds=1)
 
@@ -292,8 +298,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Any) -> None:
     def fit(rounds: int, dirpath: Any, seed: int, ckpt_path: str | None = None) -> Any:
         torch.manual_seed(seed)  # another initialization on resume: the checkpoint must override it
         nets = [MLP(hidden=[16]), MLP(hidden=[24, 12])]
-        client = FedMD(nets, subset_size=60, transfer_public_epochs=2, transfer_private_epochs=2)
-        federation = Federation(client)
+        client = FedMD(nets, transfer_public_epochs=2, transfer_private_epochs=2)
+        federation = Federation(client, server=FedMDServer(subset_size=60))
         trainer = make_trainer(
             rounds, enable_checkpointing=True, callbacks=[FederationCheckpoint(dirpath=str(dirpath))]
         )

@@ -81,11 +81,11 @@ def test_parser_sees_every_argument(cls: type[ClientModule]) -> None:
 
 
 def test_forwarded_arguments_reach_the_client() -> None:
-    """Arguments of each level of a three-level chain, given on the command line (KDAdaptation's ``alpha``,
-    LocalAdaptation's ``adapt_lr``, FedAvg's ``weighted``, ClientModule's ``lr``), reach the instantiated client,
-    and the config's own value of a forwarded argument (``local_epochs``) still applies."""
+    """Arguments of each level of a chain, given on the command line (KDAdaptation's ``alpha``, LocalAdaptation's
+    ``adapt_lr``, ClientModule's ``lr`` through FedAvg, which adds none), reach the instantiated client, and the
+    config's own value of a forwarded argument (``local_epochs``) still applies."""
     config = Path(__file__).parents[1] / "configs" / "kd" / "digits.yaml"
-    given = {"alpha": 0.25, "adapt_lr": 0.125, "weighted": False, "lr": 0.0625}
+    given = {"alpha": 0.25, "adapt_lr": 0.125, "lr": 0.0625}
     args = [arg for name, value in given.items() for arg in (f"--model.client.init_args.{name}", str(value))]
     cli = PflightCLI(args=["--config", str(config), "--trainer.logger", "false", *args], run=False)
     client = cli.model.client

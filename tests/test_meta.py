@@ -10,13 +10,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 
-from pflight import Federation
+from pflight import FedAvgServer, Federation
 from pflight.algorithms import FedAvg
 from pflight.algorithms.maml import MAML, META_SGD_PREFIX, FedMetaServer, MetaSGD
 from pflight.algorithms.meta_base import GradientAccumulator
 from pflight.algorithms.meta_functional import central_difference_hvp, gradient, hessian_vector_product
 from pflight.algorithms.perfedavg import PerFedAvg
-from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
+from pflight.algorithms.reptile import PersonalizedFedAvg, PersonalizedFedAvgServer, Reptile, ReptileServer
 from pflight.callbacks import FederationCheckpoint
 from pflight.client import Batch, ClientContext
 from pflight.data import FederatedDataModule, PathologicalPartitioner
@@ -166,9 +166,10 @@ def test_meta_sgd_personalization_is_inner_steps_of_the_learned_alpha(steps):
     theta <- theta - alpha * grad l_S(theta), ``eval_inner_steps`` times on the support batch drawn as training
     draws it, from the received theta and alpha: plain autograd, bit for bit."""
     torch.manual_seed(0)
-    client = MetaSGD(MLP(hidden=[16]), inner_lr=0.05, meta_lr=0.01, local_steps=2, eval_inner_steps=steps)
+    client = MetaSGD(MLP(hidden=[16]), inner_lr=0.05, local_steps=2, eval_inner_steps=steps)
     data = FederatedDataModule("digits", num_clients=4, batch_size=16, seed=0)
-    fed = run_federation(client, data, 2, federation_kwargs={"executor": "sequential"}, limit_val_batches=0)
+    kwargs = {"executor": "sequential", "server": FedMetaServer(meta_lr=0.01)}
+    fed = run_federation(client, data, 2, federation_kwargs=kwargs, limit_val_batches=0)
     k = data.train_clients[1]
     message = fed.server.message_for(k).tensors
     alpha = {n[len(META_SGD_PREFIX) :]: a for n, a in message.items() if n.startswith(META_SGD_PREFIX)}
@@ -330,21 +331,24 @@ def test_batchnorm_stats_untouched_by_inner_perturbed_and_query_passes(make):
 
 
 # ---------------------------------------------------------------------------------------------- Reptile, Jiang et al.
-def _twin_runs(make_a, make_b, rounds, **kwargs):
+def _twin_runs(make_a, make_b, rounds, servers=(None, None), **kwargs):
+    """The same federation with two clients (and their servers: None for the client's default)."""
     feds = []
-    for make in (make_a, make_b):
+    for make, server in zip((make_a, make_b), servers, strict=True):
         torch.manual_seed(0)
         data = FederatedDataModule("digits", num_clients=4, batch_size=16, seed=0)
-        feds.append(
-            run_federation(make(MLP(hidden=[16])), data, rounds=rounds, federation_kwargs={"eval_every": 50}, **kwargs)
-        )
+        fed_kwargs = {"eval_every": 50, "server": server}
+        feds.append(run_federation(make(MLP(hidden=[16])), data, rounds=rounds, federation_kwargs=fed_kwargs, **kwargs))
     return feds
 
 
 def test_reptile_with_unit_step_and_uniform_mean_equals_fedavg():
     """Reptile (epsilon = 1, uniform) and uniform FedAvg give the same global model (same seeds, same batches)."""
     fedavg, reptile = _twin_runs(
-        lambda n: FedAvg(n, lr=0.1, weighted=False), lambda n: Reptile(n, lr=0.1, epsilon=1.0), rounds=2
+        lambda n: FedAvg(n, lr=0.1),
+        lambda n: Reptile(n, lr=0.1),
+        rounds=2,
+        servers=(FedAvgServer(weighted=False), ReptileServer(epsilon=1.0)),
     )
     for name, value in fedavg.server.global_state.items():
         torch.testing.assert_close(reptile.server.global_state[name], value, atol=1e-6, rtol=1e-5)
@@ -353,7 +357,10 @@ def test_reptile_with_unit_step_and_uniform_mean_equals_fedavg():
 def test_reptile_step_size_interpolates_towards_the_fedavg_mean():
     """One Reptile round with epsilon = 0.5 lands halfway between phi and the FedAvg mean."""
     fedavg, reptile = _twin_runs(
-        lambda n: FedAvg(n, lr=0.1, weighted=False), lambda n: Reptile(n, lr=0.1, epsilon=0.5), rounds=1
+        lambda n: FedAvg(n, lr=0.1),
+        lambda n: Reptile(n, lr=0.1),
+        rounds=1,
+        servers=(FedAvgServer(weighted=False), ReptileServer(epsilon=0.5)),
     )
     phi = fedavg.client.initial_state()
     for name, value in fedavg.server.global_state.items():
@@ -368,10 +375,10 @@ def test_personalized_fedavg_stages_reduce_to_fedavg(switch_round):
     fedavg, pfedavg = _twin_runs(
         lambda n: FedAvg(n, lr=0.1),
         lambda n: PersonalizedFedAvg(
-            n, lr=0.1, local_epochs=1, switch_round=switch_round, server_momentum=0.0,
-            reptile_optimizer=partial(torch.optim.SGD, lr=0.1),
+            n, lr=0.1, local_epochs=1, switch_round=switch_round, reptile_optimizer=partial(torch.optim.SGD, lr=0.1)
         ),
         rounds=2,
+        servers=(None, PersonalizedFedAvgServer(server_optimizer=partial(torch.optim.SGD, lr=1.0))),
     )  # fmt: skip
     for name, value in fedavg.server.global_state.items():
         torch.testing.assert_close(pfedavg.server.global_state[name], value, atol=1e-6, rtol=1e-5)
@@ -397,11 +404,15 @@ def test_personalized_accuracy_beats_fedavg_global_on_pathological_digits():
         # beta 0.3 sat at the edge of stability: 1e-6 changes of the initial weights (or float summation order)
         # swung its accuracy between 0.55 and 0.91; with beta 0.2 six such runs gave 0.91 to 0.94
         "perfedavg": lambda n: PerFedAvg(n, lr=0.2, alpha=0.3, variant="hf", local_steps=8),
-        "maml": lambda n: MAML(n, inner_lr=0.3, meta_lr=0.05, local_steps=4),
+        "maml": lambda n: MAML(n, inner_lr=0.3, local_steps=4),
     }.items():
         torch.manual_seed(0)
+        server = FedMetaServer(meta_lr=0.05) if name == "maml" else None
         fed = run_federation(
-            make(MLP(hidden=[32])), pathological_digits(), rounds=10, federation_kwargs={"eval_every": 10}
+            make(MLP(hidden=[32])),
+            pathological_digits(),
+            rounds=10,
+            federation_kwargs={"eval_every": 10, "server": server},
         )
         results[name] = fed.history[-1]
     fedavg_global = results["fedavg"]["val/global_acc"]
@@ -410,14 +421,14 @@ def test_personalized_accuracy_beats_fedavg_global_on_pathological_digits():
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "server"),
     [
-        partial(MAML, inner_lr=0.3, meta_lr=0.05, local_steps=2),
-        partial(PerFedAvg, lr=0.3, alpha=0.3, variant="hf", local_steps=4),
+        (partial(MAML, inner_lr=0.3, local_steps=2), partial(FedMetaServer, meta_lr=0.05)),
+        (partial(PerFedAvg, lr=0.3, alpha=0.3, variant="hf", local_steps=4), lambda: None),
     ],
     ids=["maml", "perfedavg-hf"],
 )
-def test_bf16_mixed_runs_stay_finite_and_close_to_float32(make):
+def test_bf16_mixed_runs_stay_finite_and_close_to_float32(make, server):
     """Under bf16-mixed the inner loop and HVPs run in float32: the run stays finite and close to the float32 run."""
     feds = {}
     for precision in ("32-true", "bf16-mixed"):
@@ -427,7 +438,8 @@ def test_bf16_mixed_runs_stay_finite_and_close_to_float32(make):
             pathological_digits(),
             rounds=3,
             precision=precision,
-            federation_kwargs={"eval_every": 3, "executor": "sequential"},  # one code path, two precisions
+            # one code path, two precisions
+            federation_kwargs={"eval_every": 3, "executor": "sequential", "server": server()},
         )
     ref, low = feds["32-true"].server.global_state, feds["bf16-mixed"].server.global_state
     assert all(bool(torch.isfinite(v).all()) for v in low.values())
@@ -439,10 +451,13 @@ def test_bf16_mixed_runs_stay_finite_and_close_to_float32(make):
 
 
 # ---------------------------------------------------------------------------------------------- resume
-RESUMABLE = {
-    "metasgd-adam": partial(MetaSGD, inner_lr=0.1, meta_lr=0.01, local_steps=2),
-    "pfedavg-switch-at-2": partial(
-        PersonalizedFedAvg, lr=0.05, local_epochs=1, switch_round=2, reptile_steps=3, persist_optimizer_state=True
+RESUMABLE = {  # name -> (client, server)
+    "metasgd-adam": (partial(MetaSGD, inner_lr=0.1, local_steps=2), partial(FedMetaServer, meta_lr=0.01)),
+    "pfedavg-switch-at-2": (
+        partial(
+            PersonalizedFedAvg, lr=0.05, local_epochs=1, switch_round=2, reptile_steps=3, persist_optimizer_state=True
+        ),
+        lambda: None,  # the client's default server
     ),
 }
 
@@ -453,7 +468,8 @@ def test_resume_after_round_2_of_4_equals_uninterrupted(tmp_path, name):
 
     def fit(rounds, dirpath, seed, ckpt_path=None):
         torch.manual_seed(seed)  # another init on resume: the checkpoint must override it
-        fed = Federation(RESUMABLE[name](MLP(hidden=[16])), client_fraction=0.5)
+        make_client, make_server = RESUMABLE[name]
+        fed = Federation(make_client(MLP(hidden=[16])), server=make_server(), client_fraction=0.5)
         data = FederatedDataModule("digits", num_clients=8, seed=0)
         trainer = make_trainer(
             rounds, enable_checkpointing=True, callbacks=[FederationCheckpoint(dirpath=str(dirpath))]

@@ -118,10 +118,11 @@ def test_one_round_matches_plain_pytorch_algorithm_1(warm_start: bool) -> None:
     start = {n: p.detach().clone() for n, p in net.named_parameters()}
     client = _Recording(
         net, lr=HP["lr"], lam=HP["lam"], personal_lr=HP["personal_lr"], personal_steps=HP["k"],
-        local_steps=HP["local_steps"], beta=HP["beta"], warm_start=warm_start,
+        local_steps=HP["local_steps"], warm_start=warm_start,
     )  # fmt: skip
     data = FederatedDataModule("digits", num_clients=3, batch_size=100_000, seed=0)
-    fed = run_federation(client, data, 1, federation_kwargs={"executor": "sequential"}, limit_val_batches=0)
+    kwargs = {"executor": "sequential", "server": PFedMeServer(beta=HP["beta"])}
+    fed = run_federation(client, data, 1, federation_kwargs=kwargs, limit_val_batches=0)
     clients = [data.client_data(k).split("train") for k in data.train_clients]
     assert len({len(y) for _, y in clients}) == 3  # different sizes: the weighting matters
 
@@ -197,9 +198,13 @@ def _ragged_data() -> FederatedDataModule:
 def _make(warm_start: bool) -> PFedMe:
     torch.manual_seed(0)
     return PFedMe(
-        MLP(hidden=[16]), lr=0.05, lam=5.0, personal_lr=0.1, personal_steps=2, local_steps=None,
-        beta=1.5, warm_start=warm_start,
-    )  # fmt: skip
+        MLP(hidden=[16]), lr=0.05, lam=5.0, personal_lr=0.1, personal_steps=2, local_steps=None, warm_start=warm_start
+    )
+
+
+def _on(executor: str) -> dict:
+    """Federation arguments: ``executor``, and a server that extrapolates (beta 1.5)."""
+    return {"executor": executor, "server": PFedMeServer(beta=1.5)}
 
 
 @pytest.mark.parametrize("warm_start", [True, False], ids=["warm-start", "restart-at-w"])
@@ -208,7 +213,7 @@ def test_vectorized_equals_sequential(warm_start: bool) -> None:
     in the stacked round_state), and gives the sequential executor's global model, client state, training loss and
     logged personal loss over two rounds, with ragged batches and step counts."""
     feds = [
-        run_federation(_make(warm_start), _ragged_data(), 2, federation_kwargs={"executor": ex}, limit_val_batches=0)
+        run_federation(_make(warm_start), _ragged_data(), 2, federation_kwargs=_on(ex), limit_val_batches=0)
         for ex in ("sequential", "vectorized")
     ]
     seq, vec = feds
@@ -224,12 +229,8 @@ def test_vectorized_equals_sequential(warm_start: bool) -> None:
 
 def test_warm_start_changes_the_result() -> None:
     """Carrying theta across steps is live: the warm-started run differs from restarting each solve at w."""
-    warm = run_federation(
-        _make(True), _ragged_data(), 1, federation_kwargs={"executor": "vectorized"}, limit_val_batches=0
-    )
-    cold = run_federation(
-        _make(False), _ragged_data(), 1, federation_kwargs={"executor": "vectorized"}, limit_val_batches=0
-    )
+    warm = run_federation(_make(True), _ragged_data(), 1, federation_kwargs=_on("vectorized"), limit_val_batches=0)
+    cold = run_federation(_make(False), _ragged_data(), 1, federation_kwargs=_on("vectorized"), limit_val_batches=0)
     diff = max(
         (warm.server.global_state[n] - cold.server.global_state[n]).abs().max() for n in warm.server.global_state
     )
@@ -243,11 +244,10 @@ def test_warm_start_changes_the_result() -> None:
         ({"lam": 0.0}, r"lam=0.0\)` must be > 0"),
         ({"personal_lr": 0.2}, r"personal_lr=0.2, lam=15.0\).*diverge"),
         ({"personal_steps": 0}, r"personal_steps=0\)` must be >= 1"),
-        ({"beta": 0.0}, r"beta=0.0\)` must be > 0"),
         ({"eval_batches": -1}, r"eval_batches=-1\)` must be >= 0"),
         ({"net": CNN(channels=[4], hidden=[8], norm="batch")}, r"running statistics.*norm='group'"),
     ],
-    ids=["lam", "diverging-inner-step", "personal-steps", "beta", "eval-batches", "batchnorm"],
+    ids=["lam", "diverging-inner-step", "personal-steps", "eval-batches", "batchnorm"],
 )
 def test_bad_arguments_are_refused(kwargs: dict, match: str) -> None:
     """Each bad argument raises one ValueError naming it, its value and the fix."""

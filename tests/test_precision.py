@@ -16,6 +16,7 @@ from pflight.algorithms import (
     PFedHN,
     Reptile,
 )
+from pflight.algorithms.fedmd import FedMDServer
 from pflight.data import FederatedDataModule
 from pflight.models import MLP
 from tests.conftest import run_federation
@@ -32,19 +33,19 @@ FAMILIES = {
     "perfedavg_hf": lambda: PerFedAvg(_mlp(), lr=0.05, alpha=0.1, variant="hf", local_steps=2),
     "reptile": lambda: Reptile(_mlp(), lr=0.1),
     "kd": lambda: KDAdaptation(_mlp(), lr=0.1, adapt_epochs=2),
-    "fedmd": lambda: FedMD(
-        [_mlp((16,)), _mlp((32,))], subset_size=50, transfer_public_epochs=1, transfer_private_epochs=1
-    ),
+    "fedmd": lambda: FedMD([_mlp((16,)), _mlp((32,))], transfer_public_epochs=1, transfer_private_epochs=1),
     "fedora": lambda: Fedora(_mlp(), lr=0.05, local_steps=4),
     "pfedhn": lambda: PFedHN(_mlp(), local_steps=4),
 }
+SERVERS = {"fedmd": lambda: FedMDServer(subset_size=50)}  # other families: the client's default server
 
 
 def _run(name, precision):
     torch.manual_seed(0)
     client = FAMILIES[name]()
     data = FederatedDataModule("digits", num_clients=6, public_fraction=0.2 if name == "fedmd" else 0.0, seed=0)
-    return run_federation(client, data, rounds=1, precision=precision)
+    server = SERVERS[name]() if name in SERVERS else None
+    return run_federation(client, data, rounds=1, precision=precision, federation_kwargs={"server": server})
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

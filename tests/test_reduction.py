@@ -66,7 +66,8 @@ CASES = {
     ),
     "reptile": (lambda: ReptileServer(epsilon=0.5), "delta", [10, 30, 5, 1, 7, 20]),
     "fedmeta": (lambda: FedMetaServer(meta_lr=0.1), "gradient", [10, 30, 5, 1, 7, 20]),
-    "personalized-fedavg": (lambda: PersonalizedFedAvgServer(switch_round=1), "delta", [10, 30, 5, 1, 7, 20]),
+    "personalized-fedavg-stage-1": (PersonalizedFedAvgServer, "weights", [10, 30, 5, 1, 7, 20]),
+    "personalized-fedavg-stage-2": (PersonalizedFedAvgServer, "delta", [10, 30, 5, 1, 7, 20]),
 }
 
 

@@ -19,7 +19,7 @@ from pflight.algorithms import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.fedora import Fedora
 from pflight.algorithms.maml import MAML, MetaSGD
 from pflight.algorithms.pfedme import PFedMe
-from pflight.algorithms.reptile import Reptile
+from pflight.algorithms.reptile import Reptile, ReptileServer
 from pflight.client import ClientContext, ClientModule, FineTune, float_state
 from pflight.data import DirichletPartitioner, FederatedDataModule
 from pflight.models import MLP
@@ -55,8 +55,9 @@ ALGORITHMS: dict[str, Callable[[nn.Module], ClientModule]] = {
     "fedavgft-steps": lambda n: FedAvgFT(n, lr=0.1, finetune_steps=7, finetune_lr=0.03),
     "fedavgft-epochs": lambda n: FedAvgFT(n, lr=0.1, finetune_steps=0, finetune_epochs=2),
     "local-only": lambda n: LocalOnly(n, lr=0.1, new_client_epochs=3),
-    "reptile": lambda n: Reptile(n, lr=0.1, epsilon=0.5, finetune_steps=5, finetune_lr=0.05),
+    "reptile": lambda n: Reptile(n, lr=0.1, finetune_steps=5, finetune_lr=0.05),
 }
+SERVERS = {"reptile": lambda: ReptileServer(epsilon=0.5)}  # others: the client's default server
 
 
 def run(make: Callable[[nn.Module], ClientModule], executor: str, rounds: int = 2, **kwargs: Any) -> Federation:
@@ -84,8 +85,9 @@ def assert_same_evaluation(seq: Federation, vec: Federation) -> None:
 def test_vectorized_evaluation_equals_sequential(name: str) -> None:
     """Personalization and evaluation run vectorized and report the sequential executor's per-client accuracies,
     summaries and loss, for seen and new clients, global model included."""
-    seq = run(ALGORITHMS[name], "sequential")
-    vec = run(ALGORITHMS[name], "vectorized")
+    server = SERVERS.get(name, lambda: None)
+    seq = run(ALGORITHMS[name], "sequential", server=server())
+    vec = run(ALGORITHMS[name], "vectorized", server=server())
     assert seq.last_eval_executor == "sequential"
     assert vec.last_eval_executor == "vectorized"
     assert vec.last_evaluation["new"], "new clients are evaluated"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from pflight.data import FederatedDataModule
 from pflight.federation import CHECKPOINT_KEY, Federation, check_strategy
 from pflight.named_configs import maybe_list_configs, plain_config, resolve_config_args
 from pflight.runtime import configure_threads, quiet_run
+from pflight.server import Server
 from pflight.wandb_resume import resume_wandb_args
 
 CONFIG_KEY = "pflight_config"
@@ -382,6 +384,87 @@ def check_config_file(path: str) -> None:
             f"`--config {path}` holds a {type(content).__name__}, not a mapping of sections (`trainer:`,"
             " `model:`, `data:`)."
         )
+    moved = moved_server_setting(content)
+    if moved is not None:
+        raise ValueError(f"`--config {path}`: {moved}")
+
+
+def accepted_arguments(cls: type) -> set[str]:
+    """The constructor arguments of ``cls``, those it forwards to its parents with ``**kwargs`` included.
+
+    >>> from pflight.algorithms import MAML
+    >>> {"inner_lr", "local_steps", "net"} <= accepted_arguments(MAML), "meta_lr" in accepted_arguments(MAML)
+    (True, False)
+    """
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return names
+
+
+def moved_server_setting(config: Any) -> str | None:
+    """The fix for a client argument that is its server's setting (``model.server``), from a config's content.
+
+    The client's server is the class its ``configure_server`` returns (when it needs no constructed client);
+    otherwise every server class taking the argument is named. None when no client argument is a server's.
+
+    >>> moved_server_setting({"model": {"client": {"class_path": "MAML", "init_args": {"meta_lr": 0.01}}}})
+    '`model.client.init_args.meta_lr` is a setting of the server: move it to `model.server.init_args.meta_lr`, with\
+ `model.server.class_path: pflight.algorithms.FedMetaServer` (the server MAML uses by default).'
+    """
+    client = config.get("model", {}).get("client") if isinstance(config.get("model"), dict) else None
+    if not isinstance(client, dict) or not isinstance(client.get("init_args"), dict):
+        return None
+    path = str(client.get("class_path", ""))
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "pflight.algorithms"), name)
+        accepted = accepted_arguments(cls)
+    except Exception:  # noqa: BLE001 - not a class pflight can look into: the parser reports the config as it is
+        return None
+    try:  # the default server, where configure_server needs no constructed client (it returns the server's defaults)
+        default: type | None = type(cls.configure_server(object.__new__(cls)))
+    except Exception:  # noqa: BLE001 - it reads the client's settings: name every server taking the argument
+        default = None
+    servers = [s for s in _subclasses(Server) if s.__module__.startswith("pflight.")]
+    for key in client["init_args"]:
+        if key in accepted:
+            continue
+        takers = [s for s in servers if key in accepted_arguments(s)]
+        start = f"`model.client.init_args.{key}` is a setting of the server:"
+        if default is not None:
+            server = f"`model.server.class_path: {_public_path(default)}` (the server {name} uses"
+        if default in takers:
+            return f"{start} move it to `model.server.init_args.{key}`, with {server} by default)."
+        if takers:
+            names = ", ".join(f"`{s.__name__}`" for s in takers)
+            return f"{start} move it to `model.server.init_args.{key}`, with the `model.server.class_path` of {names}."
+        if default is not None and key.startswith("server_"):
+            options = ", ".join(sorted(accepted_arguments(default)))
+            return f"{start} give {server} by default) and its own arguments ({options}) instead."
+    return None
+
+
+def _public_path(cls: type) -> str:
+    """The shortest import path of ``cls``: ``pflight.X``, ``pflight.algorithms.X``, else its module's.
+
+    >>> from pflight.server import FedAvgServer
+    >>> _public_path(FedAvgServer)
+    'pflight.FedAvgServer'
+    """
+    for module in ("pflight", "pflight.algorithms"):
+        if getattr(importlib.import_module(module), cls.__name__, None) is cls:
+            return f"{module}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
 
 # what a wrong setting raises (with pflight's own one-line message); anything else keeps its traceback

@@ -421,8 +421,7 @@ class FedAvgServer(Server):
         """Called at round end with the mean over all processes: applied as ``update`` applies a mean.
 
         It goes through :meth:`update` as the one upload of the round (the mean of one upload with weight 1 is
-        that upload, exactly), so subclasses that prepare the round there (the stage of
-        ``PersonalizedFedAvgServer``) do so in a multi-process run too.
+        that upload, exactly), so subclasses that prepare the round there do so in a multi-process run too.
         """
         self.update({-1: Message(kind, dict(total), n_samples=1)}, round_idx)
 

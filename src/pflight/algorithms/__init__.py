@@ -4,14 +4,14 @@ from pflight.algorithms.apfl import APFL
 from pflight.algorithms.baselines import FedAvg, FedAvgFT, FedProx, LocalOnly
 from pflight.algorithms.distillation import EWCAdaptation, FreezeBaseAdaptation, KDAdaptation, LocalAdaptation
 from pflight.algorithms.ditto import Ditto
-from pflight.algorithms.fedmd import FedMD
+from pflight.algorithms.fedmd import FedMD, FedMDServer
 from pflight.algorithms.fedora import Fedora, FedoraServer
-from pflight.algorithms.maml import MAML, MetaSGD
+from pflight.algorithms.maml import MAML, FedMetaServer, MetaSGD
 from pflight.algorithms.perfedavg import PerFedAvg
-from pflight.algorithms.personal_layers import FedBABU, FedBN, FedPer, FedRep, LGFedAvg
+from pflight.algorithms.personal_layers import FedBABU, FedBN, FedPer, FedRep, LGFedAvg, PartialFedAvgServer
 from pflight.algorithms.pfedhn import PFedHN, PFedHNServer
 from pflight.algorithms.pfedme import PFedMe, PFedMeServer
-from pflight.algorithms.reptile import PersonalizedFedAvg, Reptile
+from pflight.algorithms.reptile import PersonalizedFedAvg, PersonalizedFedAvgServer, Reptile, ReptileServer
 
 __all__ = [
     "APFL",
@@ -23,6 +23,8 @@ __all__ = [
     "FedBABU",
     "FedBN",
     "FedMD",
+    "FedMDServer",
+    "FedMetaServer",
     "Fedora",
     "FedoraServer",
     "FedPer",
@@ -38,7 +40,10 @@ __all__ = [
     "PFedHNServer",
     "PFedMe",
     "PFedMeServer",
+    "PartialFedAvgServer",
     "PerFedAvg",
     "PersonalizedFedAvg",
+    "PersonalizedFedAvgServer",
     "Reptile",
+    "ReptileServer",
 ]

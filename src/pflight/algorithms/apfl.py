@@ -40,7 +40,7 @@ Choices, and where they differ from the paper or the reference code:
   after stepping w, from the new w.
 - v_k starts from the initial weights theta_0 and alpha_k from ``alpha`` (FedTorch, PFLlib and FL-bench deep-copy
   the initial model); the server's mean is weighted by sample count by default (the paper: uniform,
-  ``weighted=False``).
+  ``model.server`` ``FedAvgServer(weighted=False)``).
 - The personalized model at evaluation mixes v_k with the current global w^t (PFLlib evaluates it with the client's
   last local w). A client without a personal model (new, or never sampled) is evaluated with w^t.
 """
@@ -114,8 +114,8 @@ class APFL(FedAvg):
     """APFL's client: local SGD on the global model, a personal model and an adaptive mixing weight alpha.
 
     The local optimizer (``lr`` = eta, ``momentum``, ``weight_decay`` or ``optimizer``) steps w, v and alpha
-    together, once per batch; with momentum each tensor keeps its own buffer. ``weighted=False`` is the paper's
-    uniform mean.
+    together, once per batch; with momentum each tensor keeps its own buffer. The server is FedAvg's
+    (:class:`~pflight.server.FedAvgServer`); ``FedAvgServer(weighted=False)`` is the paper's uniform mean.
 
     Args:
         net: the target network (the client's ``net`` becomes an :class:`APFLNet` around it).

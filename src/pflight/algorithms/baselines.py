@@ -1,4 +1,4 @@
-"""Baselines: Local-only, FedAvg (weighted or uniform), FedAvg + fine-tuning, FedProx."""
+"""Baselines: Local-only, FedAvg, FedAvg + fine-tuning, FedProx."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from pflight.client import (
     ClientContext,
     ClientModule,
     FineTune,
-    OptimizerCallable,
     float_state,
     load_float_state,
     proximal_term,
 )
 from pflight.messages import Message
-from pflight.server import FedAvgServer, NoServer, Server
+from pflight.server import NoServer, Server
 
 
 class LocalOnly(ClientModule):
@@ -65,30 +64,13 @@ class LocalOnly(ClientModule):
 
 
 class FedAvg(ClientModule):
-    """FedAvg (McMahan et al. 2017): local SGD from the global model, server (weighted) mean.
+    """FedAvg (McMahan et al. 2017): local SGD from the global model, the server's (weighted) mean.
 
-    Args:
-        weighted: weight clients by training-set size at the server (False: uniform mean).
-        server_optimizer: optional server optimizer on the pseudo-gradient (FedAvgM / FedOpt).
-        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
+    The client is the base class's; the server is :class:`~pflight.server.FedAvgServer` with its defaults (the
+    sample-weighted mean). Its settings are the server's (``model.server`` in a config, ``Federation(server=...)``):
+    ``weighted: false`` for the uniform mean, ``server_optimizer`` for FedAvgM / FedOpt
+    (``configs/fedavg/digits_fedavgm.yaml``). Arguments as :class:`~pflight.client.ClientModule`.
     """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        *,
-        weighted: bool = True,
-        server_optimizer: OptimizerCallable | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(net, **kwargs)
-        self.weighted = weighted
-        self.server_optimizer = server_optimizer
-
-    @override
-    def configure_server(self) -> Server:
-        """The (weighted) mean of the clients' weights."""
-        return FedAvgServer(weighted=self.weighted, server_optimizer=self.server_optimizer)
 
 
 class FedAvgFT(FedAvg):

@@ -32,8 +32,8 @@ Choices, and where they differ from the paper or the authors' code:
 - v_k starts from the initial weights theta_0 (the code's ``local_models`` are copies of the initial model),
   the first round the client trains; it is pulled to the received w^t, not to the client's drifting local w.
 - The server: the authors' code samples clients with probability proportional to their sample counts and averages
-  uniformly; here clients are sampled uniformly and averaged weighted by sample count (``weighted=True``; False:
-  uniform), equal in expectation.
+  uniformly; here clients are sampled uniformly and averaged weighted by sample count (the default
+  ``FedAvgServer``; ``model.server`` ``FedAvgServer(weighted=False)``: uniform), equal in expectation.
 - A client without a personal model at evaluation (a new client, or one never sampled yet) is evaluated with w^t,
   the only model it has (the code evaluates every client's v_k, theta_0 for one never sampled).
 - Not implemented: the code's ``dynamic_lam`` (lambda picked per step on validation data) and the robustness

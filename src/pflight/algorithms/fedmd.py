@@ -26,6 +26,10 @@ networks outputting private + public classes and ``private_classes`` slicing the
 
 The math is in pure functions: :func:`stratified_subset`, :func:`consensus_logits`, :func:`digest_loss`.
 
+The server's settings (``subset_size``, ``weighted``) are :class:`FedMDServer`'s own: ``model.server`` in a
+config, ``Federation(server=...)`` in Python; the client's default server has its defaults. The server asks a
+client for the public labels it stratifies by, so the public pool is the client's setting alone.
+
 Optimizer state, as the authors' code (``diogenes0319/FedMD_clean``): there each party's digest model is
 compiled once with Adam 1e-3, so its moments and step count carry from one round's digest to the next;
 pflight keeps that Adam state per client in the client store (``persistent_digest_optimizer=True``, the
@@ -156,15 +160,16 @@ class FedMDServer(Server):
     """Averages the clients' logits on a public subset and draws a fresh subset every round.
 
     Randomness is its own: the subset of round ``r`` is drawn with a generator seeded by
-    ``(seed, r)``, so a resumed run draws the same subsets.
+    ``(seed, r)``, so a resumed run draws the same subsets. The public labels it stratifies by are asked of a
+    client in :meth:`setup` (the pool the clients score: ``FedMD(public_source=...)`` or the data module's).
 
     Args:
         subset_size: samples in each round's class-stratified public subset (the paper: 5000; all of
             the pool when it is smaller).
         weighted: weight the clients' logits by their private training-set size (the paper: uniform).
         seed: seeds the subsets (None: the data module's seed).
-        public_source: the public data set when it is not the data module's public pool (the server
-            reads only its labels, to stratify).
+        public_source: the public data set, for a server set up without clients to ask (it reads only its
+            labels, to stratify); inside a federation it must be the clients' (None: theirs).
     """
 
     def __init__(
@@ -193,13 +198,23 @@ class FedMDServer(Server):
 
     @override
     def setup(self, info: FederationInfo) -> None:
-        """Called once: read the public labels and draw the first subset."""
+        """Called once: ask a client for the public labels (the pool it scores) and draw the first subset."""
         if self.seed is None:
             self.seed = info.seed
+        clients = (*info.train_clients, *info.new_clients)
+        if info.request is not None and clients:
+            theirs = info.ask(clients[0], _public_labels, Stream.FEDMD_SUBSET)  # the context's generator is unused
+        else:
+            theirs = info.public[1].cpu() if info.public is not None else None
         if self.public_source is not None:
             self.labels = public_pool(self.public_source)[1]
-        elif info.public is not None:
-            self.labels = info.public[1].cpu()
+            if theirs is not None and not torch.equal(self.labels, theirs):
+                raise ValueError(
+                    f"`FedMDServer(public_source={type(self.public_source).__name__})` is not the public pool the"
+                    " clients score: leave the server's `public_source` unset to take theirs (set it on the client)."
+                )
+        elif theirs is not None:
+            self.labels = theirs
         else:
             raise ValueError(
                 "FedMD needs a public data set: set `FederatedDataModule(public_fraction=...)` (e.g."
@@ -276,8 +291,6 @@ class FedMD(ClientModule):
         architecture_seed: with ``architectures`` None, client ``k`` draws its architecture from
             ``nets`` with this seed; None: round robin (``k % len(nets)``).
         local_epochs: revisit passes over the private train split per round (the paper: 2-10).
-        subset_size: public samples scored per round (the server's subset; the paper: 5000).
-        weighted: weight the consensus by private training-set sizes (the paper: uniform).
         public_batch_size: batch size on public data (transfer learning and digest).
         transfer_public_epochs: transfer-learning passes over the whole public pool.
         transfer_private_epochs: then passes over the private train split.
@@ -305,8 +318,6 @@ class FedMD(ClientModule):
         architecture_seed: int | None = None,
         *,
         local_epochs: int = 2,
-        subset_size: int = 5000,
-        weighted: bool = False,
         public_batch_size: int = 128,
         transfer_public_epochs: int = 10,
         transfer_private_epochs: int = 10,
@@ -348,8 +359,6 @@ class FedMD(ClientModule):
             raise ValueError(f"`FedMD(private_classes={private_classes})` must be >= 1 or None (all logits).")
         self.architectures = list(architectures) if architectures is not None else None
         self.architecture_seed = architecture_seed
-        self.subset_size = subset_size
-        self.weighted = weighted
         self.public_batch_size = public_batch_size
         self.transfer_public_epochs = transfer_public_epochs
         self.transfer_private_epochs = transfer_private_epochs
@@ -420,8 +429,8 @@ class FedMD(ClientModule):
     # ------------------------------------------------------------------ setup
     @override
     def configure_server(self) -> Server:
-        """Averages logits on a fresh public subset per round."""
-        return FedMDServer(self.subset_size, self.weighted, public_source=self.public_source)
+        """Averages logits on a fresh public subset per round: :class:`FedMDServer` with its defaults."""
+        return FedMDServer()
 
     def public(self, ctx: ClientContext) -> tuple[Tensor, Tensor]:
         """The public pool ``(x, y)`` on the CPU (``public_source``, else client ``ctx``'s data module's)."""
@@ -576,6 +585,12 @@ class FedMD(ClientModule):
             with torch.autocast(ctx.device.type, enabled=False):
                 self.transfer_learning(ctx)
             self.train(was_training)
+
+
+def _public_labels(client: Any, ctx: ClientContext) -> Tensor | None:
+    """The labels of the public pool client ``ctx`` scores (FedMDServer's question in ``setup``), on the CPU."""
+    pool = client.public(ctx) if isinstance(client, FedMD) else ctx.public
+    return None if pool is None else pool[1].cpu()
 
 
 __all__ = [

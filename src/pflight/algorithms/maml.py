@@ -18,6 +18,10 @@ default (as the Flower baseline; plain SGD with ``server_optimizer``); the suppo
 S when S exceeds ``batch_size`` (the paper: all of S), and the k inner steps reuse that one batch (not the
 Flower baseline's k epochs of minibatch steps); a client may take several meta-steps per round
 (``local_steps``) and uploads their mean meta-gradient.
+
+The server's settings (``meta_lr``, ``weighted``, ``server_optimizer``) are :class:`FedMetaServer`'s own:
+``model.server`` in a config, ``Federation(server=...)`` in Python; the clients' default server has its defaults
+(Adam(1e-3), the uniform mean).
 """
 
 from __future__ import annotations
@@ -127,8 +131,9 @@ class MAML(ClientModule):
     The federation's train batches only pace the meta-steps (``local_steps`` per round, 1 by default:
     one meta-gradient per client per round as in FedMeta); their samples are not used. The client
     uploads its mean meta-gradient (kind ``gradient``); the server (:class:`FedMetaServer`) averages it
-    and applies Adam(``meta_lr``) by default. ``first_order=False`` gives the exact meta-gradient
-    ``(I - α H_0) ... (I - α H_{k-1}) ∇ℓ_Q(θ_k)``; ``first_order=True`` gives ``∇ℓ_Q(θ_k)``.
+    and applies Adam(``meta_lr``) by default (the server's settings: ``model.server``). ``first_order=False``
+    gives the exact meta-gradient ``(I - α H_0) ... (I - α H_{k-1}) ∇ℓ_Q(θ_k)``; ``first_order=True`` gives
+    ``∇ℓ_Q(θ_k)``.
 
     The loss is written once: the sequential executor backpropagates it (``manual_backward``), the
     vectorized executor takes ``vmap(grad(loss))`` over the stacked clients, the inner gradients then nested
@@ -148,9 +153,6 @@ class MAML(ClientModule):
         inner_steps: inner steps k per meta-step (each on the same support batch).
         first_order: drop the second-order terms (FOMAML).
         support_fraction: share of each client's train split in its support view.
-        meta_lr: the server's outer learning rate β (of the default Adam).
-        weighted: server mean weighted by training-set size (False: uniform).
-        server_optimizer: the server optimizer (None: ``torch.optim.Adam(lr=meta_lr)``).
         local_steps: meta-steps per round (their gradients are averaged); None: ``local_epochs`` passes.
         local_epochs: with ``local_steps=None``, meta-steps per round = batches in this many passes.
         eval_inner_steps: inner steps at evaluation (None: ``inner_steps``).
@@ -163,9 +165,6 @@ class MAML(ClientModule):
         inner_steps: int = 1,
         first_order: bool = False,
         support_fraction: float = 0.2,
-        meta_lr: float = 1e-3,
-        weighted: bool = False,
-        server_optimizer: OptimizerCallable | None = None,
         local_steps: int | None = 1,
         local_epochs: int = 1,
         eval_inner_steps: int | None = None,
@@ -182,24 +181,19 @@ class MAML(ClientModule):
                 f"`{name}(support_fraction={support_fraction})` must be in (0, 1): the rest of the train split is"
                 " the query set."
             )
-        if meta_lr <= 0:
-            raise ValueError(f"`{name}(meta_lr={meta_lr})` must be > 0.")
         super().__init__(net, lr=inner_lr, local_epochs=local_epochs, local_steps=local_steps)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.support_fraction = support_fraction
-        self.meta_lr = meta_lr
-        self.weighted = weighted
-        self.server_optimizer = server_optimizer
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self._accumulator: GradientAccumulator | None = None
 
     # ---------------------------------------------------------------- setup
     @override
     def configure_server(self) -> Server:
-        """Mean meta-gradient, then the server optimizer (Adam by default)."""
-        return FedMetaServer(self.weighted, self.server_optimizer, self.meta_lr)
+        """Mean meta-gradient, then Adam: :class:`FedMetaServer` with its defaults (others under ``model.server``)."""
+        return FedMetaServer()
 
     def trainable(self) -> dict[str, Tensor]:
         """The tensors the server trains, by global-state name (the network's parameters)."""

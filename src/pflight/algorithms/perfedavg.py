@@ -6,8 +6,8 @@ Meta-Learning Approach", NeurIPS 2020 (arXiv:2002.07948).
 Conventions shared with the other meta-learning clients (one ``loss`` for both executors, weight dicts in
 inner loops, float32 inner math, the BatchNorm policy): :mod:`pflight.algorithms.meta_base`.
 
-- :class:`PerFedAvg` (``maml``, ``fo``, ``hf``): uploads weights; uniform server mean; evaluation is one
-  SGD step of size α on one train batch.
+- :class:`PerFedAvg` (``maml``, ``fo``, ``hf``): uploads weights; uniform server mean (the default server,
+  ``FedAvgServer(weighted=False)``); evaluation is one SGD step of size α on one train batch.
 
 Deviations: none by default. ``hessian_batch="inner"`` is an option beside the paper's independent D″
 (autograd through the inner step: the Hessian on D, as several reimplementations compute it).
@@ -59,8 +59,9 @@ class PerFedAvg(ClientModule):
     ``torch.func`` nested in the vectorized executor's ``vmap(grad(loss))``. With ``hessian_batch="inner"``
     the ``maml`` variant instead returns ``ℓ(w − α g0; D′)`` with g0 differentiable (Hessian on D, two batches).
 
-    The client uploads its weights; the server takes the uniform mean (``weighted=True``: by training
-    samples, which changes the objective to Σ p_i F_i). Evaluation: ``personalize_steps`` (1) SGD steps
+    The client uploads its weights; the server takes the uniform mean (its default server is
+    ``FedAvgServer(weighted=False)``; ``model.server`` with ``weighted: true`` weights by training samples, which
+    changes the objective to Σ p_i F_i). Evaluation: ``personalize_steps`` (1) SGD steps
     of size α on one train batch each (float32), then test; as a :class:`~pflight.client.FineTune` plan,
     so the vectorized executor personalizes many clients at once.
 
@@ -81,7 +82,6 @@ class PerFedAvg(ClientModule):
         hessian_batch: ``independent`` (the paper: Hessian on D″) or ``inner`` (autograd through the inner step).
         local_epochs: with ``local_steps=None``, the local steps cover this many passes over the train split.
         local_steps: local meta-steps τ per round.
-        weighted: server mean weighted by training-set size (False: uniform, as in the paper).
         personalize_steps: SGD steps of size α at evaluation (one batch each).
     """
 
@@ -97,7 +97,6 @@ class PerFedAvg(ClientModule):
         hessian_batch: str = "independent",
         local_epochs: int = 1,
         local_steps: int | None = None,
-        weighted: bool = False,
         personalize_steps: int = 1,
     ) -> None:
         if variant not in PER_FEDAVG_VARIANTS:
@@ -115,15 +114,14 @@ class PerFedAvg(ClientModule):
         self.variant = variant
         self.delta = delta
         self.hessian_batch = hessian_batch
-        self.weighted = weighted
         self.personalize_steps = personalize_steps
         self.through_inner = variant == "maml" and hessian_batch == "inner"
         self.batches_per_step = 2 if variant == "fo" or self.through_inner else 3
 
     @override
     def configure_server(self) -> Server:
-        """The uniform (or weighted) mean of the clients' weights."""
-        return FedAvgServer(weighted=self.weighted)
+        """The uniform mean of the clients' weights, as in the paper (a weighted one: ``model.server``)."""
+        return FedAvgServer(weighted=False)
 
     @override
     def loss(self, params: Mapping[str, Tensor], batch: Any, state: Mapping[str, Any]) -> Tensor | dict[str, Tensor]:

@@ -8,6 +8,9 @@ entry. FedBN instead keeps every BatchNorm layer local. Each round, for client `
     local steps (below); client_state: the personal tensors; upload: the shared tensors only
     server: the (weighted) mean of the shared tensors (:class:`PartialFedAvgServer`, FedBABU: :class:`FedAvgServer`)
 
+The server's setting (``weighted``: the sample-weighted mean by default) is the server's own, ``model.server`` in a
+config; :class:`PartialFedAvgServer` learns which tensors are shared from the client.
+
 - :class:`FedPer` (Arivazhagan et al. 2019, "Federated Learning with Personalization Layers"): body shared, head
   personal; both trained jointly by local SGD.
 - :class:`FedRep` (Collins et al., ICML 2021, "Exploiting Shared Representations for Personalized Federated
@@ -63,6 +66,7 @@ from typing_extensions import override
 from pflight.client import ClientContext, ClientModule, FineTune, cross_entropy, load_float_state
 from pflight.messages import Message
 from pflight.server import FedAvgServer, FederationInfo, Server
+from pflight.streams import Stream
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -159,19 +163,35 @@ class PartialFedAvgServer(FedAvgServer):
     uploads; :meth:`global_message` is None (each client's model is the shared part plus its own personal part).
 
     Args:
-        shared: the state-dict entries the clients share (the client gives them: ``configure_server``).
+        shared: the state-dict entries the clients share (None: asked of a client in :meth:`setup`, its
+            ``shared_names``; given, they must be the client's).
         weighted: weight clients by their number of training samples (else uniform).
     """
 
-    def __init__(self, shared: Sequence[str], weighted: bool = True) -> None:
+    def __init__(self, shared: Sequence[str] | None = None, weighted: bool = True) -> None:
         super().__init__(weighted=weighted)
-        if not shared:
+        if shared is not None and not shared:
             raise ValueError("`PartialFedAvgServer(shared=[])` shares nothing: name at least one state-dict entry.")
-        self.shared = list(shared)
+        self.shared = list(shared) if shared is not None else None
 
     @override
     def setup(self, info: FederationInfo) -> None:
-        """Called once: the shared entries of the client's initial weights."""
+        """Called once: ask a client what it shares; the shared entries of the client's initial weights."""
+        clients, theirs = (*info.train_clients, *info.new_clients), None
+        if info.request is not None and clients:
+            theirs = info.ask(clients[0], _shared_names, Stream.TRAIN)  # the context's generator is unused
+        if self.shared is None:
+            if not theirs:
+                raise ValueError(
+                    "`PartialFedAvgServer(shared=None)` learns the shared entries from a partial-sharing client"
+                    " (`FedPer`, `FedRep`, `LGFedAvg`, `FedBN`): use one, or name the entries in `shared`."
+                )
+            self.shared = theirs
+        elif theirs is not None and theirs != self.shared:
+            raise ValueError(
+                f"`PartialFedAvgServer(shared={self.shared})` differs from what the client shares ({theirs}): leave"
+                " `shared` unset (None) to take the client's."
+            )
         super().setup(info)
         missing = [n for n in self.shared if n not in self.global_state]
         if missing:
@@ -200,7 +220,6 @@ class PartialSharing(ClientModule):
     tensor, jointly) unless they override :meth:`loss`.
 
     Args:
-        weighted: weight the server's mean by training-set size (False: uniform).
         new_client_epochs: at evaluation, a new client (no personal part yet) fine-tunes the whole network from
             the received shared part and theta_0's personal part for this many epochs of plain SGD (0: none).
         **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
@@ -210,11 +229,10 @@ class PartialSharing(ClientModule):
         personal_names: the state-dict entries kept by each client.
     """
 
-    def __init__(self, net: nn.Module, *, weighted: bool = True, new_client_epochs: int = 5, **kwargs: Any) -> None:
+    def __init__(self, net: nn.Module, *, new_client_epochs: int = 5, **kwargs: Any) -> None:
         super().__init__(net, **kwargs)
         if new_client_epochs < 0:
             raise ValueError(f"`{type(self).__name__}(new_client_epochs={new_client_epochs})` must be >= 0.")
-        self.weighted = weighted
         self.new_client_epochs = new_client_epochs
         self.shared_names: list[str] = []
         self.personal_names: list[str] = []
@@ -229,8 +247,8 @@ class PartialSharing(ClientModule):
 
     @override
     def configure_server(self) -> Server:
-        """The (weighted) mean of the shared tensors."""
-        return PartialFedAvgServer(self.shared_names, weighted=self.weighted)
+        """The (weighted) mean of the shared tensors: :class:`PartialFedAvgServer` with its defaults."""
+        return PartialFedAvgServer()
 
     @override
     def receive(self, message: Message | None, ctx: ClientContext) -> None:
@@ -432,8 +450,10 @@ class FedBABU(ClientModule):
     body with the initial head. At evaluation each client fine-tunes the whole received model on its train split
     (``finetune_epochs`` epochs, or ``finetune_steps`` steps, of plain SGD at ``finetune_lr``).
 
+    The server's mean is weighted by training-set size (the default server, :class:`~pflight.server.FedAvgServer`);
+    the code's uniform mean is ``model.server`` ``FedAvgServer(weighted=False)``.
+
     Args:
-        weighted: weight the server's mean by training-set size (False: uniform, as the code).
         head_prefix: the module name(s) of the head in the network's state dict.
         finetune_epochs: fine-tuning passes at evaluation (the paper's tau_f, 5).
         finetune_steps: fine-tuning steps instead (used when > 0).
@@ -445,7 +465,6 @@ class FedBABU(ClientModule):
         self,
         net: nn.Module,
         *,
-        weighted: bool = True,
         head_prefix: str | list[str] = "head",
         finetune_epochs: int = 5,
         finetune_steps: int = 0,
@@ -459,7 +478,6 @@ class FedBABU(ClientModule):
             )
         if finetune_lr is not None and finetune_lr <= 0:
             raise ValueError(f"`FedBABU(finetune_lr={finetune_lr})` must be > 0 or None (the local `lr`).")
-        self.weighted = weighted
         self.head_prefix = head_prefix
         self.head_names, self.body_names = head_and_body("FedBABU", net, head_prefix)
         self.finetune_epochs = finetune_epochs
@@ -468,8 +486,8 @@ class FedBABU(ClientModule):
 
     @override
     def configure_server(self) -> Server:
-        """FedAvg's server: the body's mean (the head is never uploaded, so it stays theta_0's)."""
-        return FedAvgServer(weighted=self.weighted)
+        """FedAvg's server with its defaults: the body's mean (the head is never uploaded, so it stays theta_0's)."""
+        return FedAvgServer()
 
     @override
     def after_local_step(
@@ -489,6 +507,11 @@ class FedBABU(ClientModule):
     def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
         """Fine-tune the whole received model (body and head) on the train split."""
         return FineTune(self.finetune_steps, self.finetune_epochs, self.finetune_lr)
+
+
+def _shared_names(client: Any, ctx: ClientContext) -> list[str] | None:
+    """What the client shares (PartialFedAvgServer's question in ``setup``); None from a client that shares all."""
+    return list(client.shared_names) if isinstance(client, PartialSharing) else None
 
 
 __all__ = [

@@ -13,6 +13,9 @@ envelope ``F_i(w) = min_theta ...`` of their losses, whose gradient is ``lambda 
         upload w_i
     server: w^{t+1} = (1 - beta) w^t + beta * mean_i w_i       # weighted by training samples (``weighted``)
 
+The server's settings (``beta``, ``weighted``) are :class:`PFedMeServer`'s own: ``model.server`` in a config,
+``Federation(server=...)`` in Python; the client's default server has its defaults (beta 1, weighted).
+
 The local step goes through the contract: :meth:`PFedMe.loss` computes ``theta`` with :func:`moreau_inner_solve`
 (``torch.func.grad``, float32, a constant of the outer step as in the paper) and returns the envelope estimate
 ``f(theta; batch) + (lambda / 2) ||w - theta||^2``, whose gradient in ``w`` is exactly ``lambda (w - theta)``; the
@@ -36,7 +39,8 @@ beta 1, R = 20 local steps. Deliberate deviations from the paper and that code:
   inner solve at the current ``w_i``. Both run on either executor.
 - Only the sampled clients train. Algorithm 1 (and the code) has every client update and only the sampled ones
   send; the others' work changes nothing but their own ``theta``, which evaluation recomputes anyway.
-- The server weights clients by training samples as the code does (the paper: uniform ``1/S``; ``weighted=False``).
+- The server weights clients by training samples as the code does (the paper: uniform ``1/S``;
+  ``PFedMeServer(weighted=False)``).
 - The inner problem has no ``(mu/2)||theta||^2`` term by default (the paper); the code's ``pFedMeOptimizer``
   always adds ``mu = 1e-3`` (``personal_weight_decay=1e-3`` reproduces it).
 - Minibatches are pflight's (a fresh permutation per pass, seeded by round and client); the code cycles an
@@ -159,8 +163,6 @@ class PFedMe(ClientModule):
         personal_lr: the inner step size (the code's ``personal_learning_rate``).
         personal_steps: K, inner steps per local step, on the same minibatch.
         personal_weight_decay: mu of an extra ``(mu/2)||theta||^2`` in the inner problem (the code: 1e-3).
-        beta: the server's mixing parameter.
-        weighted: server mean weighted by training samples (False: uniform).
         warm_start: start each inner solve at the previous one's theta (the code), else at ``w_i``.
         eval_batches: minibatches of the inner solve at evaluation (None: as many as a round's local steps;
             0: evaluate the global model itself).
@@ -177,8 +179,6 @@ class PFedMe(ClientModule):
         personal_lr: float = 0.09,
         personal_steps: int = 5,
         personal_weight_decay: float = 0.0,
-        beta: float = 1.0,
-        weighted: bool = True,
         warm_start: bool = True,
         eval_batches: int | None = None,
         **kwargs: Any,
@@ -198,8 +198,6 @@ class PFedMe(ClientModule):
                 f" {personal_lr * (lam + personal_weight_decay):.3g} >= 2 makes the inner solve diverge; use"
                 f" personal_lr < {2.0 / (lam + personal_weight_decay):.3g}."
             )
-        if not beta > 0:
-            raise ValueError(f"`PFedMe(beta={beta})` must be > 0 (1 replaces w by the clients' mean).")
         if eval_batches is not None and eval_batches < 0:
             raise ValueError(f"`PFedMe(eval_batches={eval_batches})` must be >= 0 or None (a round's local steps).")
         for name, module in net.named_modules():
@@ -212,15 +210,13 @@ class PFedMe(ClientModule):
         self.personal_lr = personal_lr
         self.personal_steps = personal_steps
         self.personal_weight_decay = personal_weight_decay
-        self.beta = beta
-        self.weighted = weighted
         self.warm_start = warm_start
         self.eval_batches = eval_batches
 
     @override
     def configure_server(self) -> Server:
-        """``(1 - beta) w + beta * mean w_i``."""
-        return PFedMeServer(self.beta, self.weighted)
+        """``(1 - beta) w + beta * mean w_i``: :class:`PFedMeServer` with its defaults (others: ``model.server``)."""
+        return PFedMeServer()
 
     # ------------------------------------------------------------------ the local objective
     def personal_model(

@@ -7,6 +7,9 @@ Conventions shared with the other meta-learning clients (float32 fine-tuning, th
   evaluation fine-tunes.
 - :class:`PersonalizedFedAvg` (Jiang et al.): FedAvg with server momentum, then Reptile
   (:class:`PersonalizedFedAvgServer`); evaluation fine-tunes for a few epochs.
+
+The servers' settings (ε, the weighting, the server optimizers) are the servers' own: ``model.server`` in a
+config, ``Federation(server=...)`` in Python; each client's default server has the defaults.
 """
 
 from __future__ import annotations
@@ -76,30 +79,28 @@ class ReptileServer(FedAvgServer):
 
 
 class PersonalizedFedAvgServer(FedAvgServer):
-    """Personalized FedAvg's server: FedAvg with server momentum, then from ``switch_round`` on Reptile's step.
+    """Personalized FedAvg's server: FedAvg with server momentum (stage 1), then Reptile's step (stage 2).
 
-    Rounds before ``switch_round`` use ``server_optimizer``, later rounds ``reptile_server_optimizer``;
-    both are given the pseudo-gradient (``global - mean W`` or ``-mean delta``).
+    The stage is the uploads' kind, so the server needs no round to switch at (the client's ``switch_round``
+    alone decides): stage 1's ``weights`` uploads go to ``server_optimizer``, stage 2's ``delta`` uploads to
+    ``reptile_server_optimizer``; both are given the pseudo-gradient (``global - mean W`` or ``-mean delta``).
 
     Args:
-        switch_round: the first round (0-based) of stage 2.
         weighted: weight clients by training-set size.
         server_optimizer: stage 1 (None: SGD with lr 1 and momentum 0.9).
         reptile_server_optimizer: stage 2 (None: SGD with lr 1, i.e. Reptile with ε = 1).
     """
 
+    STAGES = {"weights": 0, "delta": 1}  # upload kind -> the stage's optimizer
+
     def __init__(
         self,
-        switch_round: int = 50,
         weighted: bool = True,
         server_optimizer: OptimizerCallable | None = None,
         reptile_server_optimizer: OptimizerCallable | None = None,
     ) -> None:
-        if switch_round < 0:
-            raise ValueError(f"`PersonalizedFedAvgServer(switch_round={switch_round})` must be >= 0.")
         stage1 = server_optimizer if server_optimizer is not None else partial(torch.optim.SGD, lr=1.0, momentum=0.9)
         super().__init__(weighted, stage1)
-        self.switch_round = switch_round
         self.reptile_server_optimizer = (
             reptile_server_optimizer if reptile_server_optimizer is not None else partial(torch.optim.SGD, lr=1.0)
         )
@@ -112,10 +113,15 @@ class PersonalizedFedAvgServer(FedAvgServer):
         self._optimizers = [self._optimizer, self.reptile_server_optimizer(list(self._params.values()))]
 
     @override
-    def update(self, uploads: Mapping[int, Message], round_idx: int) -> None:
-        """Called at round end: the stage's optimizer applies the mean upload."""
-        self._optimizer = self._optimizers[0 if round_idx < self.switch_round else 1]
-        super().update(uploads, round_idx)
+    def apply(self, mean: Mapping[str, Tensor], kind: str) -> None:
+        """The stage's optimizer (stage 1 for ``weights``, stage 2 for ``delta``) applies the mean upload."""
+        if kind not in self.STAGES:
+            raise ValueError(
+                f"`PersonalizedFedAvgServer` aggregates `weights` (stage 1) or `delta` (stage 2) uploads, got kind"
+                f" {kind!r}: use it with the `PersonalizedFedAvg` client."
+            )
+        self._optimizer = self._optimizers[self.STAGES[kind]]
+        super().apply(mean, kind)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -137,8 +143,9 @@ class PersonalizedFedAvgServer(FedAvgServer):
 class Reptile(ClientModule):
     """Reptile as an FL client: local SGD (or Adam with β1 = 0) from φ, upload Δ = W − φ.
 
-    The server (:class:`ReptileServer`) applies ``φ += ε · mean Δ`` (uniform by default), or gives
-    ``−mean Δ`` to a server optimizer. With ε = 1 and a uniform mean this is FedAvg with a uniform mean.
+    The server (:class:`ReptileServer`, whose settings ε, ``weighted`` and ``server_optimizer`` are its own:
+    ``model.server``) applies ``φ += ε · mean Δ`` (uniform, ε = 1 by default), or gives ``−mean Δ`` to a server
+    optimizer. With ε = 1 and a uniform mean this is FedAvg with a uniform mean.
     The local optimizer starts fresh each round (a stateless client), or, with
     ``persist_optimizer_state``, continues from the client's own state of its last round.
     Evaluation: ``finetune_steps`` (or ``finetune_epochs``) SGD steps on the train split.
@@ -149,9 +156,6 @@ class Reptile(ClientModule):
     another local ``optimizer``, e.g. ``torch.optim.Adam`` with ``betas: [0.0, 0.999]``.
 
     Args:
-        epsilon: the outer step size ε.
-        weighted: server mean weighted by training-set size (False: uniform).
-        server_optimizer: optional server optimizer on ``−mean Δ`` (then leave ε at 1).
         persist_optimizer_state: keep each client's local optimizer state between its rounds.
         finetune_steps: SGD steps at evaluation.
         finetune_epochs: passes over the train split at evaluation (used when ``finetune_steps`` is 0).
@@ -163,9 +167,6 @@ class Reptile(ClientModule):
         self,
         net: nn.Module,
         *,
-        epsilon: float = 1.0,
-        weighted: bool = False,
-        server_optimizer: OptimizerCallable | None = None,
         persist_optimizer_state: bool = False,
         finetune_steps: int = 10,
         finetune_epochs: int = 0,
@@ -174,15 +175,10 @@ class Reptile(ClientModule):
     ) -> None:
         super().__init__(net, **kwargs)
         name = type(self).__name__
-        if not epsilon > 0:
-            raise ValueError(f"`{name}(epsilon={epsilon})` must be > 0.")
         if finetune_steps < 0 or finetune_epochs < 0:
             raise ValueError(
                 f"`{name}(finetune_steps={finetune_steps}, finetune_epochs={finetune_epochs})` must be >= 0."
             )
-        self.epsilon = epsilon
-        self.weighted = weighted
-        self.server_optimizer = server_optimizer
         self.persist_optimizer_state = persist_optimizer_state
         self.finetune_steps = finetune_steps
         self.finetune_epochs = finetune_epochs
@@ -192,8 +188,8 @@ class Reptile(ClientModule):
 
     @override
     def configure_server(self) -> Server:
-        """φ += ε · mean Δ (or the server optimizer)."""
-        return ReptileServer(self.epsilon, self.weighted, self.server_optimizer)
+        """φ += ε · mean Δ: :class:`ReptileServer` with its defaults (ε = 1, uniform; others under ``model.server``)."""
+        return ReptileServer()
 
     @override
     def receive(self, message: Message | None, ctx: ClientContext) -> None:
@@ -257,12 +253,14 @@ class PersonalizedFedAvg(Reptile):
     """Personalized FedAvg (Jiang et al. 2019): FedAvg with server momentum, then Reptile, then fine-tuning.
 
     Rounds before ``switch_round`` (stage 1): ``local_epochs`` of local SGD (``lr``), upload weights, the
-    server feeds ``global − mean W`` to SGD(``server_lr``, ``server_momentum``). From ``switch_round`` on
-    (stage 2): Reptile with ``reptile_epochs`` (or ``reptile_steps``) of ``reptile_optimizer`` (default
-    Adam(1e-3, β = (0, 0.999)) as in the FedLab reproduction), upload Δ, the server applies
-    ``reptile_server_optimizer`` (default SGD(lr=1): ε = 1). Evaluation (stage 3): ``finetune_epochs``
-    of SGD (``finetune_lr``) on the train split. Which side holds Adam in stage 2 is open in the
-    sources: both optimizers are configurable.
+    server feeds ``global − mean W`` to its stage-1 optimizer (default SGD(lr=1, momentum=0.9)). From
+    ``switch_round`` on (stage 2): Reptile with ``reptile_epochs`` (or ``reptile_steps``) of
+    ``reptile_optimizer`` (default Adam(1e-3, β = (0, 0.999)) as in the FedLab reproduction), upload Δ, the
+    server applies its stage-2 optimizer (default SGD(lr=1): ε = 1). Evaluation (stage 3): ``finetune_epochs``
+    of SGD (``finetune_lr``) on the train split. Which side holds Adam in stage 2 is open in the sources: both
+    optimizers are configurable, the server's as :class:`PersonalizedFedAvgServer`'s ``server_optimizer``,
+    ``reptile_server_optimizer`` and ``weighted`` (``model.server``). The server tells the stages apart by the
+    uploads' kind, so ``switch_round`` is the client's alone.
 
     BatchNorm: local training updates the local model's statistics, uploaded like the weights.
 
@@ -272,13 +270,9 @@ class PersonalizedFedAvg(Reptile):
         local_epochs: stage-1 local epochs E.
         local_steps: stage-1 local steps (overrides ``local_epochs``).
         switch_round: the first round (0-based) of stage 2 (Reptile).
-        server_lr: stage-1 server SGD learning rate.
-        server_momentum: stage-1 server momentum.
-        weighted: server mean weighted by training-set size.
         reptile_epochs: stage-2 local epochs.
         reptile_steps: stage-2 local steps K (overrides ``reptile_epochs``).
         reptile_optimizer: stage-2 local optimizer (None: Adam(lr 1e-3, betas (0, 0.999))).
-        reptile_server_optimizer: stage-2 server optimizer (None: SGD(lr 1)).
         persist_optimizer_state: keep each client's stage-2 optimizer state between its rounds.
         finetune_epochs: SGD epochs on the train split at evaluation.
         finetune_lr: fine-tuning learning rate (None: ``lr``).
@@ -291,13 +285,9 @@ class PersonalizedFedAvg(Reptile):
         local_epochs: int = 5,
         local_steps: int | None = None,
         switch_round: int = 50,
-        server_lr: float = 1.0,
-        server_momentum: float = 0.9,
-        weighted: bool = True,
         reptile_epochs: int = 1,
         reptile_steps: int | None = None,
         reptile_optimizer: OptimizerCallable | None = None,
-        reptile_server_optimizer: OptimizerCallable | None = None,
         persist_optimizer_state: bool = False,
         finetune_epochs: int = 5,
         finetune_lr: float | None = None,
@@ -307,7 +297,6 @@ class PersonalizedFedAvg(Reptile):
             lr=lr,
             local_epochs=local_epochs,
             local_steps=local_steps,
-            weighted=weighted,
             persist_optimizer_state=persist_optimizer_state,
             finetune_steps=0,
             finetune_epochs=finetune_epochs,
@@ -315,17 +304,12 @@ class PersonalizedFedAvg(Reptile):
         )
         if switch_round < 0:
             raise ValueError(f"`PersonalizedFedAvg(switch_round={switch_round})` must be >= 0.")
-        if server_lr <= 0:
-            raise ValueError(f"`PersonalizedFedAvg(server_lr={server_lr})` must be > 0.")
         if reptile_epochs < 1 or (reptile_steps is not None and reptile_steps < 1):
             raise ValueError(
                 f"`PersonalizedFedAvg(reptile_epochs={reptile_epochs}, reptile_steps={reptile_steps})` must be >= 1."
             )
         self.switch_round = switch_round
-        self.server_lr = server_lr
-        self.server_momentum = server_momentum
         self.reptile_optimizer = reptile_optimizer
-        self.reptile_server_optimizer = reptile_server_optimizer
         self.budgets = {1: (local_epochs, local_steps), 2: (reptile_epochs, reptile_steps)}
 
     def stage(self, ctx: ClientContext | None = None) -> int:
@@ -336,13 +320,8 @@ class PersonalizedFedAvg(Reptile):
 
     @override
     def configure_server(self) -> Server:
-        """Stage 1 momentum SGD, stage 2 the Reptile step."""
-        return PersonalizedFedAvgServer(
-            self.switch_round,
-            self.weighted,
-            partial(torch.optim.SGD, lr=self.server_lr, momentum=self.server_momentum),
-            self.reptile_server_optimizer,
-        )
+        """Stage 1 momentum SGD, stage 2 the Reptile step: :class:`PersonalizedFedAvgServer`'s defaults."""
+        return PersonalizedFedAvgServer()
 
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
