@@ -69,7 +69,7 @@ class GradientAccumulator(torch.optim.Optimizer):
     views of the stacked weights at once, each view keeping its own state, and puts each client's state
     (``grad_sum``, ``steps``) into the client's optimizer before its upload.
 
-    >>> w = nn.Parameter(torch.zeros(2))
+    >>> w = torch.nn.Parameter(torch.zeros(2))
     >>> acc = GradientAccumulator([w])
     >>> for g in (torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0])):
     ...     w.grad = g
