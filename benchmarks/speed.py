@@ -745,6 +745,17 @@ def auto_table(rows: list[dict[str, object]]) -> None:
         f"  {'met ' if ok else 'MISS'} auto is never slower than sequential (within {AUTO_SLACK - 1:.0%} timing"
         f" noise): worst auto/seq {worst:.2f}x ({', '.join(f'{n} {v:.2f}x' for n, v in claims)})"
     )
+    # the choice itself, which timing noise cannot blur: the path auto took against the one it left, both timed here
+    wrong = [
+        f"{r['workload']} K={r['K']} ran {r['auto_pick']}"
+        for r in rows
+        if (r["c"] if r["auto_pick"] == "sequential" else r["b"]) * AUTO_SLACK
+        < (r["b"] if r["auto_pick"] == "sequential" else r["c"])  # type: ignore[operator]
+    ]
+    print(
+        f"  {'met ' if not wrong else 'MISS'} auto never picks the executor measured slower here (by more than"
+        f" {AUTO_SLACK - 1:.0%}): {', '.join(wrong) if wrong else f'{len(rows)} of {len(rows)} workloads'}"
+    )
 
 
 def eval_table(clients: list[int], rounds: int, thread_counts: list[int]) -> None:
