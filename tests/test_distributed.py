@@ -28,8 +28,10 @@ def run_cli(config: Path, cwd: Path, processes: int, extra: list[str]) -> tuple[
         ("local/digits.yaml", ["--model.clients_per_round", "5"]),
         # server momentum in round 0, Reptile's optimizer from round 1: the reduction path with server state
         ("pfedavg/digits.yaml", ["--model.clients_per_round", "5", "--model.client.init_args.switch_round", "1"]),
+        # PartialFedAvgServer asks a client what it shares at setup, whichever rank holds it
+        ("fedper/digits.yaml", ["--model.clients_per_round", "5"]),
     ],
-    ids=["fedavg-sampled", "local-store", "pfedavg-server-optimizer"],
+    ids=["fedavg-sampled", "local-store", "pfedavg-server-optimizer", "fedper-server-asks"],
 )
 def test_two_processes_equal_one(tmp_path, config, extra):
     """Same seed => same metrics and models with 1 or 2 processes (up to float summation order)."""
@@ -43,5 +45,9 @@ def test_two_processes_equal_one(tmp_path, config, extra):
     # every client's persistent state reaches the checkpoint, whichever rank held it
     assert ckpt1["store"]["states"].keys() == ckpt2["store"]["states"].keys()
     for k, state in ckpt1["store"]["states"].items():
-        for name, value in state.get("weights", {}).items():
-            torch.testing.assert_close(value, ckpt2["store"]["states"][k]["weights"][name], atol=1e-6, rtol=1e-5)
+        for key, value in (state or {}).items():  # weights (Local-only), personal parts (FedPer), ...
+            other = ckpt2["store"]["states"][k][key]
+            for name, tensor in value.items() if isinstance(value, dict) else [("", value)]:
+                theirs = other[name] if isinstance(value, dict) else other
+                if isinstance(tensor, torch.Tensor):
+                    torch.testing.assert_close(tensor, theirs, atol=1e-6, rtol=1e-5, msg=f"{k}.{key}.{name}")
