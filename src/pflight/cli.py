@@ -427,14 +427,15 @@ def moved_server_setting(config: Any) -> str | None:
         accepted = accepted_arguments(cls)
     except Exception:  # noqa: BLE001 - not a class pflight can look into: the parser reports the config as it is
         return None
+    unknown = [key for key in client["init_args"] if key not in accepted]
+    if not unknown:
+        return None
     try:  # the default server, where configure_server needs no constructed client (it returns the server's defaults)
         default: type | None = type(cls.configure_server(object.__new__(cls)))
     except Exception:  # noqa: BLE001 - it reads the client's settings: name every server taking the argument
         default = None
     servers = [s for s in _subclasses(Server) if s.__module__.startswith("pflight.")]
-    for key in client["init_args"]:
-        if key in accepted:
-            continue
+    for key in unknown:
         takers = [s for s in servers if key in accepted_arguments(s)]
         start = f"`model.client.init_args.{key}` is a setting of the server:"
         if default is not None:
