@@ -235,6 +235,11 @@ def stack_tree(trees: Sequence[Any], device: torch.device) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- what is served
+def _inherited(client: ClientModule, hook: str) -> bool:
+    """Whether ``client``'s ``hook`` is the base class's (the executor may then skip or shortcut it)."""
+    return getattr(type(client), hook) is getattr(ClientModule, hook)
+
+
 ELEMENTWISE_OPTIMIZERS = (
     torch.optim.SGD,
     torch.optim.Adam,
@@ -542,7 +547,7 @@ def _plan(federation: Federation, ctx: ClientContext, work: float) -> Plan:
     replayed on a context whose samples are their own indices.
     """
     client = federation.client
-    if client.batches_per_step == 1 and type(client).step_batches is ClientModule.step_batches:
+    if client.batches_per_step == 1 and _inherited(client, "step_batches"):
         n = ctx.data.num_samples("train")
         plan = plan_batches(n, ctx.batch_size, ctx.generator, client.local_epochs, client.local_steps)
         if work < 1.0:
@@ -554,10 +559,6 @@ def _plan(federation: Federation, ctx: ClientContext, work: float) -> Plan:
         group = (batch,) if len(batch) == 2 and isinstance(batch[0], Tensor) else batch
         steps.append(tuple(idx for idx, _ in group))
     return steps
-
-
-def _inherited(client: ClientModule, hook: str) -> bool:
-    return getattr(type(client), hook) is getattr(ClientModule, hook)
 
 
 def _prologue(
@@ -601,8 +602,8 @@ def train_clients(
     own = state_tensors(client.net)
     names = [n for n, v in own.items() if v.is_floating_point()]
     contexts, starts, round_states, plans = [], [], [], []
-    start_hook = type(client).on_local_train_start is not ClientModule.on_local_train_start  # else no RNG to seed
-    end_hook = type(client).on_local_train_end is not ClientModule.on_local_train_end
+    start_hook = not _inherited(client, "on_local_train_start")  # else no RNG to seed
+    end_hook = not _inherited(client, "on_local_train_end")
     # the base class's epilogue needs no round trip through the client module: its upload is its weights
     plain_out = all(_inherited(client, h) for h in ("on_local_train_end", "client_state", "upload"))
 
@@ -623,8 +624,8 @@ def train_clients(
             )
     order = sorted(range(len(client_ids)), key=lambda i: -len(plans[i]))  # stable: ties keep the caller's order
     size = chunk_size(federation, len(client_ids))
-    plain = type(client).loss is ClientModule.loss
-    post = client.after_local_step if type(client).after_local_step is not ClientModule.after_local_step else None
+    plain = _inherited(client, "loss")
+    post = None if _inherited(client, "after_local_step") else client.after_local_step
     dtype = next(iter(client.net.parameters())).dtype
     uploads: dict[int, Message] = {}
     losses: dict[int, Tensor] = {}
@@ -727,20 +728,17 @@ def eval_unsupported_reason(federation: Federation) -> str | None:
     ``personalization_plan``), ``evaluate`` and ``forward`` are the base class's, the precision is ``32-true``
     and the network has no running statistics, batch norm or dropout.
     """
-    cls = type(federation.client)
-    if cls.personalize is not ClientModule.personalize:
+    client = federation.client
+    cls = type(client)
+    if not _inherited(client, "personalize"):
         return (
             f"`{cls.__name__}.personalize` is its own code, run client by client: describe SGD fine-tuning as data"
             " with `personalization_plan` (a `FineTune`) instead to personalize the clients at once"
         )
     for hook in ("evaluate", "forward"):
-        if getattr(cls, hook) is not getattr(ClientModule, hook):
+        if not _inherited(client, hook):
             return f"`{cls.__name__}.{hook}` is its own code, run client by client"
-    return (
-        federation.data.vectorized_reason("eval")
-        or _precision_reason(federation)
-        or _network_reason(federation.client.net)
-    )
+    return federation.data.vectorized_reason("eval") or _precision_reason(federation) or _network_reason(client.net)
 
 
 def evaluate_clients(
