@@ -435,11 +435,10 @@ def moved_server_setting(config: Any) -> str | None:
     except Exception:  # noqa: BLE001 - it reads the client's settings: name every server taking the argument
         default = None
     servers = [s for s in _subclasses(Server) if s.__module__.startswith("pflight.")]
+    server = f"`model.server.class_path: {_public_path(default)}` (the server {name} uses" if default else ""
     for key in unknown:
         takers = [s for s in servers if key in accepted_arguments(s)]
         start = f"`model.client.init_args.{key}` is a setting of the server:"
-        if default is not None:
-            server = f"`model.server.class_path: {_public_path(default)}` (the server {name} uses"
         if default in takers:
             return f"{start} move it to `model.server.init_args.{key}`, with {server} by default)."
         if takers:
