@@ -189,7 +189,6 @@ class FedMDServer(Server):
         self.index = torch.zeros(0, dtype=torch.int64)  # the subset the clients score this round
         self.consensus: Tensor | None = None  # (|subset|, classes) on consensus_index
         self.consensus_index: Tensor | None = None
-        self.logit_norms: dict[int, float] = {}  # client -> mean L2 norm of its last logits
 
     def draw(self, round_idx: int) -> Tensor:
         """The public subset of round ``round_idx``."""
@@ -250,7 +249,6 @@ class FedMDServer(Server):
         w = aggregation_weights([m.n_samples for m in msgs], self.weighted)
         self.consensus = consensus_logits([m.tensors["logits"] for m in msgs], w)
         self.consensus_index = self.index
-        self.logit_norms = {k: float(m.metrics.get("logit_norm", float("nan"))) for k, m in uploads.items()}
         self.index = self.draw(round_idx + 1)
 
     @override
