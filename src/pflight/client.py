@@ -542,8 +542,7 @@ class ClientModule(pl.LightningModule):
 
         It can when its step is :meth:`loss` (and :meth:`after_local_step`): a class that overrides
         ``training_step``, ``local_optimizer_step``, ``on_local_step_end`` or ``forward`` has per-step code of its
-        own.
-        Override to refuse for a reason of the algorithm's own (and call ``super()``).
+        own. Override to refuse for a reason of the algorithm's own (and call ``super()``).
         """
         cls = type(self)
         for hook in ("training_step", "local_optimizer_step", "on_local_step_end", "forward"):
@@ -643,7 +642,7 @@ class ClientModule(pl.LightningModule):
             fixed = (x_all[plan.batch].to(ctx.device), y_all[plan.batch].to(ctx.device))
             batches: Iterable[tuple[Tensor, Tensor]] = [fixed] * plan.steps
         else:
-            batches = ctx.batches("train", epochs=max(plan.epochs, 1), steps=plan.steps if plan.steps > 0 else None)
+            batches = ctx.batches("train", epochs=max(plan.epochs, 1), steps=plan.steps or None)
         lr = plan.lr if plan.lr is not None else self.lr
         named = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
@@ -660,21 +659,18 @@ class ClientModule(pl.LightningModule):
         objective = plan.objective(self.net)
         was_training = self.net.training
         self.net.train()
-        step = 0
         with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=False):
-            for x, y in batches:
-                for _ in range(plan.repeat):
-                    before = float_state(self.net) if plan.after_step is not None else None
-                    loss = objective(self.params(), Batch(x, y), state)
-                    if isinstance(loss, dict):
-                        state.update(loss.get("state") or {})
-                        loss = loss["loss"]
-                    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)  # vmap's
-                    with torch.no_grad():
-                        wd, first = plan.weight_decay, step == 0
-                        sgd_update_(params, list(grads), buffers, lr, plan.momentum, weight_decay=wd, first_step=first)
-                        if before is not None:
-                            now = {n: t.detach() for n, t in self.params().items()}
-                            load_float_state(self.net, plan.after_step(now, before, state))
-                    step += 1
+            for step, (x, y) in enumerate(batch for batch in batches for _ in range(plan.repeat)):
+                before = float_state(self.net) if plan.after_step is not None else None
+                loss = objective(self.params(), Batch(x, y), state)
+                if isinstance(loss, dict):
+                    state.update(loss.get("state") or {})
+                    loss = loss["loss"]
+                grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)  # vmap's
+                with torch.no_grad():
+                    wd, first = plan.weight_decay, step == 0
+                    sgd_update_(params, list(grads), buffers, lr, plan.momentum, weight_decay=wd, first_step=first)
+                    if before is not None:
+                        now = {n: t.detach() for n, t in self.params().items()}
+                        load_float_state(self.net, plan.after_step(now, before, state))
         self.net.train(was_training)

@@ -44,13 +44,8 @@ def _leaves(module: nn.Module) -> list[nn.Module] | None:
         inner = _leaves(module.features)
         return None if inner is None else [*inner, module.head]
     if type(module) is nn.Sequential:
-        out: list[nn.Module] = []
-        for child in module:
-            inner = _leaves(child)
-            if inner is None:
-                return None
-            out += inner
-        return out
+        chains = [_leaves(child) for child in module]
+        return None if None in chains else [leaf for chain in chains for leaf in chain]  # type: ignore[union-attr]
     if type(module) in (nn.Linear, nn.ReLU, nn.Flatten, nn.Identity):
         return [module]
     return None

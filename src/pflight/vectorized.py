@@ -74,7 +74,7 @@ from pflight.data.datamodule import FederatedDataModule
 from pflight.fused_mlp import fused_sgd_step_, mlp_layers, sgd_update_
 from pflight.messages import Message
 from pflight.metrics import Counts
-from pflight.streams import Stream  # Stream.TRAIN: the generator of local training, for the same batch order
+from pflight.streams import Stream  # the sequential executor's generators (TRAIN, EVAL): the same batch order
 
 if TYPE_CHECKING:
     from pflight.federation import Federation
@@ -151,12 +151,19 @@ def batched_forward(net: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Ten
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
 class _Pool:
-    """Every client's train split in one tensor (plus one zero sample at ``pad`` for padding)."""
+    """Every client's samples of one split in one tensor (plus one zero sample at ``pad`` for padding)."""
 
     x: Tensor
     y: Tensor
     offsets: list[int]
     pad: int
+
+    def gather(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The samples at pool indices ``idx`` ``(C, B)``: ``x`` ``(C, B, ...)`` and ``y`` ``(C, B)`` on ``device``."""
+        flat = idx.reshape(-1)
+        x = self.x.index_select(0, flat).view(*idx.shape, *self.x.shape[1:])
+        y = self.y.index_select(0, flat).view(idx.shape)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 _POOLS: WeakKeyDictionary[FederatedDataModule, dict[str, _Pool]] = WeakKeyDictionary()
@@ -167,8 +174,7 @@ def _pool(dm: FederatedDataModule, split: str = "train") -> _Pool:
     pool = pools.get(split)
     if pool is None or len(pool.offsets) != dm.num_clients:
         x, y, offsets = dm.stacked(split, padding=1)  # no client is materialized for it
-        pool = _Pool(x, y, offsets, pad=len(y) - 1)
-        pools[split] = pool
+        pools[split] = pool = _Pool(x, y, offsets, pad=len(y) - 1)
     return pool
 
 
@@ -382,15 +388,11 @@ class Chunk:
 class Stepper:
     """Local steps of a :class:`Chunk`: ``vmap(grad(objective))``, the optimizer's update, ``after_local_step``.
 
-    Each step takes the objective's per-client gradient by ``vmap(grad)``, updates the stacked weights as the
-    local optimizer does, then applies the client's ``after_local_step`` (vmapped) when it has one.
-
-    The update is ``torch.optim.SGD``'s (:func:`~pflight.fused_mlp.sgd_update_`) for SGD, else the local optimizer
-    class stepping one view per client (its state kept per client). Where the network is a plain MLP, the
-    objective the base class's cross-entropy (plus its proximal term) and the optimizer SGD, the step is
-    :func:`~pflight.fused_mlp.fused_sgd_step_` instead: no autograd graph, no materialized gradient. With ``lrs``
-    (``name -> (C, ...)``, a learning rate per client and element) the update is
-    :func:`~pflight.fused_mlp.sgd_update_` with those rates.
+    The update is ``torch.optim.SGD``'s (:func:`~pflight.fused_mlp.sgd_update_`) for SGD, with ``lrs``
+    (``name -> (C, ...)``, a learning rate per client and element) when given, else the local optimizer class
+    stepping one view per client (its state kept per client). Where the objective is ``plain`` (the base class's
+    cross-entropy plus its proximal term), the optimizer SGD and the network a plain MLP, the step is
+    :func:`~pflight.fused_mlp.fused_sgd_step_` instead: no autograd graph, no materialized gradient.
     """
 
     def __init__(
@@ -409,6 +411,7 @@ class Stepper:
         self.post_step = vmap(post_step) if post_step is not None else None
         self.proximal_mu = proximal_mu
         self.opt_class, self.hyper = optimizer
+        self.sgd_args = {k: self.hyper[k] for k in _SGD_DEFAULTS}  # the keywords of sgd_update_ and the fused step
         self.sgd = self.opt_class is torch.optim.SGD
         self.lrs = lrs
         self.momentum: dict[str, Tensor] | None = None
@@ -437,16 +440,9 @@ class Stepper:
 
     def batch(self, t: int, m: int, slot: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(x, y, mask, count)`` of the step's batch ``slot`` at step ``t`` for the first ``m`` clients."""
-        pool = _pool(self.federation.data)
         b = self.run.batches[slot]
-        idx = b.idx[t, :m]
-        flat = idx.reshape(-1)
-        return (
-            pool.x.index_select(0, flat).view(*idx.shape, *pool.x.shape[1:]).to(self.device, non_blocking=True),
-            pool.y.index_select(0, flat).view(idx.shape).to(self.device, non_blocking=True),
-            b.mask[t, :m].to(self.device, non_blocking=True),
-            b.count[t, :m].to(self.device, non_blocking=True),
-        )
+        x, y = _pool(self.federation.data).gather(b.idx[t, :m], self.device)
+        return x, y, b.mask[t, :m].to(self.device, non_blocking=True), b.count[t, :m].to(self.device, non_blocking=True)
 
     def step(self, t: int, m: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Local step ``t`` of the first ``m`` clients, in place; their losses ``(m,)`` and metrics."""
@@ -459,10 +455,8 @@ class Stepper:
             x, y, mask, count = self.batch(t, m, 0)
             anchor = state.get("anchor") if self.proximal_mu > 0 else None
             loss = fused_sgd_step_(
-                self.fused, view, x, y, mask, count, self.hyper["lr"], self.hyper["weight_decay"],
-                self.proximal_mu, anchor, momentum=self.hyper["momentum"], dampening=self.hyper["dampening"],
-                nesterov=self.hyper["nesterov"], maximize=self.hyper["maximize"], buffers=self._buffers(m),
-                first_step=t == 0,
+                self.fused, view, x, y, mask, count, self.hyper["lr"], mu=self.proximal_mu, anchor=anchor,
+                buffers=self._buffers(m), first_step=t == 0, **self.sgd_args,
             )  # fmt: skip
         else:
             batches = []
@@ -487,7 +481,7 @@ class Stepper:
         return loss.detach(), aux
 
     def _buffers(self, m: int) -> dict[str, Tensor] | None:
-        if self.hyper.get("momentum", 0) == 0:
+        if self.sgd_args["momentum"] == 0:
             return None
         if self.momentum is None:  # step 0: every client is active
             self.momentum = {n: torch.zeros_like(self.run.state[n]) for n in self.run.trainable}
@@ -499,21 +493,9 @@ class Stepper:
         if self.sgd:
             buffers = self._buffers(m)
             params = [run.state[n][:m] for n in run.trainable]
-            grad_list = [grads[n] for n in run.trainable]
             bufs = [buffers[n] for n in run.trainable] if buffers is not None else None
             lr = [self.lrs[n][:m] for n in run.trainable] if self.lrs is not None else self.hyper["lr"]
-            sgd_update_(
-                params,
-                grad_list,
-                bufs,
-                lr=lr,
-                momentum=self.hyper["momentum"],
-                dampening=self.hyper["dampening"],
-                weight_decay=self.hyper["weight_decay"],
-                nesterov=self.hyper["nesterov"],
-                maximize=self.hyper["maximize"],
-                first_step=t == 0,
-            )
+            sgd_update_(params, [grads[n] for n in run.trainable], bufs, lr, first_step=t == 0, **self.sgd_args)
             return
         assert self.optimizer is not None
         active = []
@@ -534,9 +516,7 @@ class Stepper:
         return [self.optimizer.state.get(v, {}) for v in self.views[c]]
 
 
-def _sgd_hyper(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    defaults = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
-    return {**defaults, **{k: v for k, v in opt.param_groups[0].items() if k != "params"}}
+_SGD_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -599,8 +579,7 @@ def train_clients(
     opt = _local_optimizer(federation)
     assert opt is not None
     opt.state.clear()
-    own = state_tensors(client.net)
-    names = [n for n, v in own.items() if v.is_floating_point()]
+    names = list(client.params())  # the network's floating-point state entries
     contexts, starts, round_states, plans = [], [], [], []
     start_hook = not _inherited(client, "on_local_train_start")  # else no RNG to seed
     end_hook = not _inherited(client, "on_local_train_end")
@@ -626,11 +605,11 @@ def train_clients(
     size = chunk_size(federation, len(client_ids))
     plain = _inherited(client, "loss")
     post = None if _inherited(client, "after_local_step") else client.after_local_step
+    hyper = {**_SGD_DEFAULTS, **{k: v for k, v in opt.param_groups[0].items() if k != "params"}}  # SGD's defaults
     dtype = next(iter(client.net.parameters())).dtype
     uploads: dict[int, Message] = {}
     losses: dict[int, Tensor] = {}
     final: dict[str, Tensor] = {}
-    final_state: tuple[ClientContext, dict[str, Any]] | None = None
     last = len(client_ids) - 1
     for lo in range(0, len(order), size):
         members = order[lo : lo + size]
@@ -639,9 +618,7 @@ def train_clients(
         run = Chunk.stack(
             federation, ids, [plans[i] for i in members], [starts[i] for i in members], names, round_state
         )
-        stepper = Stepper(
-            federation, run, client.loss, (type(opt), _sgd_hyper(opt)), plain, post, float(client.proximal_mu)
-        )
+        stepper = Stepper(federation, run, client.loss, (type(opt), hyper), plain, post, float(client.proximal_mu))
         loss_sum = torch.zeros(len(ids), dtype=dtype, device=device)
         logs = client.logs
         for t in range(run.steps[0]):
@@ -684,17 +661,14 @@ def train_clients(
             losses[k] = loss_sum[c]
             if i == last:
                 final = {n: w.clone() for n, w in weights.items()}
-                final_state = (ctx, round_states[i])
     if plain_out or order[-1] != last:  # leave the client module as the caller's last client left it, as sequential
         load_float_state(client.net, final)
-        assert final_state is not None
-        client.context, client.round_state = final_state
+        client.context, client.round_state = contexts[last], round_states[last]
     return {k: uploads[k] for k in client_ids if k in uploads}, [losses[k] for k in client_ids]
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
 def chunk_size(federation: Federation, num_clients: int) -> int:
-    """How many clients one vectorized pass trains.
+    """How many clients one vectorized pass trains or evaluates.
 
     ``Federation(vectorized_chunk=...)``, or by default all of them on an accelerator and, on a CPU, as many as
     have :data:`CPU_CHUNK_BYTES` of weights (so that a chunk's weights stay in cache across its steps).
@@ -721,6 +695,7 @@ def cpu_chunk(net: nn.Module) -> int:
 CPU_CHUNK_BYTES = 9 * 2**19  # 4.5 MiB
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
 def eval_unsupported_reason(federation: Federation) -> str | None:
     """Why the vectorized executor cannot personalize and evaluate this federation's clients (None: it can).
 
@@ -758,7 +733,7 @@ def evaluate_clients(
     client, device = federation.client, federation.device
     plan_of = type(client).personalization_plan
     contexts = [federation.context(k, round_idx, stage, Stream.EVAL) for k in client_ids]
-    names = [n for n, v in client.net.state_dict().items() if v.is_floating_point()]
+    names = list(client.params())  # the network's floating-point state entries
     global_counts: dict[int, Counts] = {}
     message = federation.server.global_message()
     seen = [i for i, ctx in enumerate(contexts) if not ctx.new_client]
@@ -771,9 +746,7 @@ def evaluate_clients(
             members = [client_ids[i] for i in seen[lo : lo + chunk]]
             counts = _count(federation, members, stage, lambda x: _shared_forward(client.net, state, x))
             global_counts.update(zip(members, counts, strict=True))
-    starts: list[Mapping[str, Tensor]] = []
-    plans: list[Plan] = []
-    tunes: list[FineTune | None] = []
+    starts, plans, tunes = [], [], []
     for ctx in contexts:  # exactly the sequential prologue
         starts.append(_prologue(federation, ctx, names))
         ft = plan_of(client, ctx)
@@ -822,15 +795,13 @@ def _fine_tune_stepper(federation: Federation, run: Chunk, tunes: list[FineTune]
     Their ``state`` s stacked as the chunk's round state; a per-parameter learning rate stacked ``(C, ...)``.
     """
     client, device, ft = federation.client, federation.device, tunes[0]
-    own = client.net.state_dict()
     run.round_state = stack_tree([t.state for t in tunes], device)
     lrs = None
     if ft.elementwise():  # a learning rate per client and element: (C, ...) per trainable tensor
         per_client = [t.lr for t in tunes if isinstance(t.lr, Mapping)]
-        lrs = {n: torch.stack([lr[n].detach().to(device, own[n].dtype) for lr in per_client]) for n in run.trainable}
+        lrs = {n: torch.stack([lr[n].detach().to(run.state[n]) for lr in per_client]) for n in run.trainable}
     lr = 1.0 if lrs is not None else float(ft.lr if ft.lr is not None else client.lr)  # type: ignore[arg-type]
-    hyper = {**_sgd_hyper(torch.optim.SGD([torch.zeros(1)], lr=lr)), "momentum": ft.momentum}  # a fresh SGD's
-    hyper["weight_decay"] = ft.weight_decay
+    hyper = {**_SGD_DEFAULTS, "lr": lr, "momentum": ft.momentum, "weight_decay": ft.weight_decay}  # a fresh SGD's
     base_loss = getattr(ft.loss, "__func__", None) is ClientModule.loss  # the client's own, not overridden
     mu = ft.proximal_mu if ft.loss is None else float(client.proximal_mu) if base_loss else 0.0
     plain = ft.loss is None or base_loss  # the fused MLP step computes it where the network is a plain MLP
@@ -880,8 +851,7 @@ def _count(
         pos = torch.arange(start, min(start + 1024, int(sizes.max())))
         real = pos[None, :] < sizes[:, None]  # (C, B)
         idx = torch.where(real, offsets[:, None] + pos[None, :], pool.pad)
-        x = pool.x.index_select(0, idx.reshape(-1)).view(*idx.shape, *pool.x.shape[1:]).to(device)
-        y = pool.y.index_select(0, idx.reshape(-1)).view(idx.shape).to(device)
+        x, y = pool.gather(idx, device)
         logits = forward(x).float()  # (C, B, classes)
         mask = real.to(device)
         ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view(idx.shape)
