@@ -8,14 +8,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from pflight.client import (
-    ClientContext,
-    ClientModule,
-    FineTune,
-    float_state,
-    load_float_state,
-    proximal_term,
-)
+from pflight.client import ClientContext, ClientModule, FineTune, float_state, load_float_state, proximal_term
 from pflight.messages import Message
 from pflight.server import NoServer, Server
 
@@ -95,7 +88,8 @@ class FedAvgFT(FedAvg):
         super().__init__(net, **kwargs)
         if finetune_steps < 0 or finetune_epochs < 0:
             raise ValueError(
-                f"`FedAvgFT(finetune_steps={finetune_steps}, finetune_epochs={finetune_epochs})` must be >= 0."
+                f"`{type(self).__name__}(finetune_steps={finetune_steps}, finetune_epochs={finetune_epochs})`"
+                " must be >= 0."
             )
         self.finetune_steps = finetune_steps
         self.finetune_epochs = finetune_epochs

@@ -37,15 +37,7 @@ from typing_extensions import override
 
 from pflight.algorithms.meta_base import GradientAccumulator, _draw, support_query_split
 from pflight.algorithms.meta_functional import adapt, copy_buffers, cross_entropy_loss, full_precision
-from pflight.client import (
-    Batch,
-    ClientContext,
-    ClientModule,
-    FineTune,
-    OptimizerCallable,
-    float_state,
-    load_float_state,
-)
+from pflight.client import Batch, ClientContext, ClientModule, FineTune, OptimizerCallable, load_float_state
 from pflight.messages import Message
 from pflight.server import FedAvgServer, FederationInfo, Server
 from pflight.streams import Stream, stream_seed
@@ -212,17 +204,13 @@ class MAML(ClientModule):
     # ---------------------------------------------------------------- data
     def support_query(self, ctx: ClientContext) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """Client ``ctx``'s fixed support and query views of its train split, on its device."""
-        x, y = ctx.data.split("train")
+        x, y = ctx.full("train")
         gen = torch.Generator().manual_seed(stream_seed(ctx.client_id, Stream.META_SUPPORT))
         s, q = support_query_split(len(y), self.support_fraction, gen)
-        dev = ctx.device
-        return (x[s].to(dev), y[s].to(dev)), (x[q].to(dev), y[q].to(dev))
+        return (x[s], y[s]), (x[q], y[q])
 
     def meta_batches(self, ctx: ClientContext) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """A support batch of S and a query batch of Q of client ``ctx`` (each whole when it fits in ``batch_size``).
-
-        Drawn from ``ctx.generator``.
-        """
+        """A support batch of S and a query batch of Q (each whole if it fits a batch), drawn from ``ctx.generator``."""
         (xs, ys), (xq, yq) = self.support_query(ctx)
         size, gen = ctx.batch_size, ctx.generator
         return _draw(xs, ys, size, gen), _draw(xq, yq, size, gen)
@@ -321,10 +309,7 @@ class MetaSGD(MAML):
 
     @override
     def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
-        """MAML's plan (the same inner steps, first order, float32, on a support batch) at the learned α.
-
-        α is a learning rate per parameter, ``θ <- θ - α ⊙ ∇ℓ_S(θ)``: as data, the evaluation runs vectorized.
-        """
+        """MAML's plan (the same inner steps, first order, float32, on a support batch) at the learned α."""
         plan = super().personalization_plan(ctx)
         if plan is None:
             return None
@@ -338,25 +323,20 @@ class MetaSGD(MAML):
     @override
     def trainable(self) -> dict[str, Tensor]:
         """θ and α, by global-state name."""
-        out = dict(self.net.named_parameters())
-        out.update({META_SGD_PREFIX + n: a for n, a in self.inner_lrs().items()})
-        return out
+        return {**super().trainable(), **{META_SGD_PREFIX + n: a for n, a in self.inner_lrs().items()}}
 
     @override
     def capture_initial_state(self) -> None:
         """The initial weights and the initial α."""
-        self._initial = {
-            **float_state(self.net),
-            **{META_SGD_PREFIX + n: a.detach().clone() for n, a in self.inner_lrs().items()},
-        }
+        super().capture_initial_state()
+        self._initial.update({META_SGD_PREFIX + n: a.detach().clone() for n, a in self.inner_lrs().items()})
 
     @override
     def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load θ into the network and α into the learning rates."""
         if message is None or message.kind != "weights":
             return
-        net_part = {k: v for k, v in message.tensors.items() if not k.startswith(META_SGD_PREFIX)}
-        load_float_state(self.net, net_part)
+        load_float_state(self.net, {k: v for k, v in message.tensors.items() if not k.startswith(META_SGD_PREFIX)})
         alphas = self.inner_lrs()
         with torch.no_grad():
             for k, v in message.tensors.items():

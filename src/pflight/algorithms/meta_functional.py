@@ -2,7 +2,7 @@
 
 Adapted weights are new tensors, never writes into a module: a network is run on a weight dict with
 :func:`torch.func.functional_call`, and every function here takes and returns dicts. BatchNorm buffers
-are passed explicitly (:func:`forward`), so a caller decides which pass may update which statistics.
+are passed explicitly (:func:`cross_entropy_loss`), so a caller decides which pass may update which statistics.
 
 Every gradient goes through :func:`grad_and_value`, which is ``torch.func.grad_and_value`` when a
 ``torch.func`` transform is running (the vectorized executor's ``vmap(grad(loss))``: inner gradients are then
@@ -60,16 +60,6 @@ def copy_buffers(module: nn.Module) -> Params:
     return {name: b.detach().clone() for name, b in module.named_buffers()}
 
 
-def forward(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:
-    """``module(x)`` with ``params`` in place of its parameters and ``buffers`` in place of its buffers.
-
-    A train-mode BatchNorm updates the running statistics of the tensors it is given: pass copies
-    (:func:`copy_buffers`) to keep the module's own statistics, or ``None`` to let the pass update them.
-    """
-    tensors = dict(params) if buffers is None else {**buffers, **params}
-    return torch.func.functional_call(module, tensors, (x,))
-
-
 def upcast(t: Tensor) -> Tensor:
     """``t`` in float32 when it is 16-bit (autocast output), else unchanged (float64 stays float64).
 
@@ -82,11 +72,15 @@ def upcast(t: Tensor) -> Tensor:
 def cross_entropy_loss(
     module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None, batch: Batch
 ) -> Tensor:
-    """The batch's mean cross-entropy of the functional forward (16-bit logits upcast to float32 first).
+    """The batch's mean cross-entropy of ``module`` run on ``params`` and ``buffers`` (16-bit logits upcast to float32).
 
-    The mean is over the batch's real samples (:func:`pflight.client.cross_entropy`: padding weighs 0).
+    The forward is ``functional_call`` with ``params`` in place of the module's parameters and ``buffers`` in place
+    of its buffers. A train-mode BatchNorm updates the running statistics of the tensors it is given: pass copies
+    (:func:`copy_buffers`) to keep the module's own statistics, or ``None`` to let the pass update them. The mean is
+    over the batch's real samples (:func:`pflight.client.cross_entropy`: padding weighs 0).
     """
-    return cross_entropy(upcast(forward(module, params, buffers, batch.x)), batch)
+    tensors = dict(params) if buffers is None else {**buffers, **params}
+    return cross_entropy(upcast(torch.func.functional_call(module, tensors, (batch.x,))), batch)
 
 
 def transforms_active(tensors: Iterable[Tensor] = ()) -> bool:
@@ -261,7 +255,6 @@ __all__ = [
     "central_difference_hvp",
     "copy_buffers",
     "cross_entropy_loss",
-    "forward",
     "full_precision",
     "global_norm",
     "grad_and_value",

@@ -16,6 +16,7 @@ Deviations: none by default. ``hessian_batch="inner"`` is an option beside the p
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -139,7 +140,9 @@ class PerFedAvg(ClientModule):
             at = w if self.through_inner else {n: t.detach() for n, t in w.items()}  # g0 a constant unless inner
             g0, _ = grad_and_value(lambda p: cross_entropy_loss(self.net, p, own, batch[0]), at, self.through_inner)
         w_tilde = sgd_step(w, g0, self.alpha)  # depends on w through the identity (and g0 when through_inner)
-        throwaway = {**params, **self._buffer_copies(params)}  # every later pass: statistics that are discarded
+        # every later pass: discarded copies of the buffers (float ones as `params` holds them); a train-mode BatchNorm
+        # normalizes with the batch's statistics and only writes its running ones, so one set serves every such pass
+        throwaway = {**params, **{n: params.get(n, b).detach().clone() for n, b in self.net.named_buffers()}}
 
         def ce(p: Mapping[str, Tensor], b: Batch) -> Tensor:
             return cross_entropy_loss(self.net, p, throwaway, b)
@@ -154,9 +157,7 @@ class PerFedAvg(ClientModule):
         with full_precision(device):
             g1, query_loss = grad_and_value(lambda p: ce(p, batch[1]), {n: t.detach() for n, t in w_tilde.items()})
 
-            def loss_d2(p: Mapping[str, Tensor]) -> Tensor:
-                return ce(p, batch[2])
-
+            loss_d2 = partial(ce, b=batch[2])
             if self.variant == "maml":
                 h = hessian_vector_product(loss_d2, w, g1)
             else:
@@ -168,14 +169,6 @@ class PerFedAvg(ClientModule):
             "norm_hvp": global_norm(h),
             "norm_direction": global_norm(direction),
         }
-
-    def _buffer_copies(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Copies of the network's buffers (float ones as ``params`` holds them), for passes that must not move them.
-
-        In train mode a BatchNorm normalizes with the batch's statistics and only writes its running ones, so
-        one set of copies serves every such pass of a step.
-        """
-        return {n: params.get(n, b).detach().clone() for n, b in self.net.named_buffers()}
 
     @override
     def personalization_plan(self, ctx: ClientContext) -> FineTune | None:

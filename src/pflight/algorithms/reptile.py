@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pflight.client import ClientContext, ClientModule, FineTune, OptimizerCallable, float_state
+from pflight.algorithms.baselines import FedAvgFT
+from pflight.client import ClientContext, OptimizerCallable, float_state
 from pflight.messages import Message
 from pflight.server import FedAvgServer, Server, load_optimizer_state
 
@@ -140,7 +141,7 @@ class PersonalizedFedAvgServer(FedAvgServer):
 
 
 # ---------------------------------------------------------------------------------------------- Reptile
-class Reptile(ClientModule):
+class Reptile(FedAvgFT):
     """Reptile as an FL client: local SGD (or Adam with β1 = 0) from φ, upload Δ = W − φ.
 
     The server (:class:`ReptileServer`, whose settings ε, ``weighted`` and ``server_optimizer`` are its own:
@@ -148,7 +149,8 @@ class Reptile(ClientModule):
     optimizer. With ε = 1 and a uniform mean this is FedAvg with a uniform mean.
     The local optimizer starts fresh each round (a stateless client), or, with
     ``persist_optimizer_state``, continues from the client's own state of its last round.
-    Evaluation: ``finetune_steps`` (or ``finetune_epochs``) SGD steps on the train split.
+    Evaluation: ``finetune_steps`` (or ``finetune_epochs``) SGD steps on the train split, the plan of
+    :class:`~pflight.algorithms.FedAvgFT` (the received φ fine-tuned in float32; vectorized with the training).
 
     BatchNorm: local training updates the local model's statistics, uploaded in Δ like the weights.
 
@@ -173,16 +175,10 @@ class Reptile(ClientModule):
         finetune_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(net, **kwargs)
-        name = type(self).__name__
-        if finetune_steps < 0 or finetune_epochs < 0:
-            raise ValueError(
-                f"`{name}(finetune_steps={finetune_steps}, finetune_epochs={finetune_epochs})` must be >= 0."
-            )
+        super().__init__(
+            net, finetune_steps=finetune_steps, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, **kwargs
+        )
         self.persist_optimizer_state = persist_optimizer_state
-        self.finetune_steps = finetune_steps
-        self.finetune_epochs = finetune_epochs
-        self.finetune_lr = finetune_lr
         self._saved_optimizer: dict[str, Any] | None = None  # to restore at this round's first step
         self._used_optimizer: torch.optim.Optimizer | None = None
 
@@ -238,15 +234,9 @@ class Reptile(ClientModule):
     @override
     def upload(self, ctx: ClientContext) -> Message | None:
         """Δ = W − φ for every float state entry."""
-        now = float_state(self.net)
         phi = self.round_state["phi"]
-        delta = {n: now[n] - phi[n] for n in now}
+        delta = {n: w - phi[n] for n, w in float_state(self.net).items()}
         return Message("delta", delta, n_samples=ctx.data.num_samples("train"))
-
-    @override
-    def personalization_plan(self, ctx: ClientContext) -> FineTune | None:
-        """Fine-tune the received φ on the train split (SGD in float32; vectorized with the training)."""
-        return FineTune(self.finetune_steps, self.finetune_epochs, self.finetune_lr)
 
 
 class PersonalizedFedAvg(Reptile):
@@ -327,12 +317,9 @@ class PersonalizedFedAvg(Reptile):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Stage 1 SGD and stage 2 (Reptile) local optimizers."""
         params = list(self.net.parameters())
-        reptile = (
-            self.reptile_optimizer(params)
-            if self.reptile_optimizer is not None
-            else torch.optim.Adam(params, lr=1e-3, betas=(0.0, 0.999))
-        )
-        return [torch.optim.SGD(params, lr=self.lr), reptile]
+        adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.0, 0.999))  # the default, as in the FedLab reproduction
+        reptile = self.reptile_optimizer if self.reptile_optimizer is not None else adam
+        return [torch.optim.SGD(params, lr=self.lr), reptile(params)]
 
     @override
     def on_local_train_start(self, ctx: ClientContext) -> None:
