@@ -233,14 +233,6 @@ class LocalAdaptation(FedAvg):
         super().receive(message, ctx)
         self._adapted = False
 
-    def _adapt_batches(self, ctx: ClientContext) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.adapt_steps is not None:
-            if self.adapt_steps > 0:
-                yield from ctx.batches("train", steps=self.adapt_steps)
-            return
-        if self.adapt_epochs > 0:
-            yield from ctx.batches("train", epochs=self.adapt_epochs)
-
     @override
     def personalize(self, ctx: ClientContext) -> None:
         """Adapt a student from the received global model on the train split; keep theta* as the anchor."""
@@ -250,6 +242,9 @@ class LocalAdaptation(FedAvg):
         ids = {id(p) for p in trainable}
         frozen = [p for p in self.net.parameters() if id(p) not in ids and p.requires_grad]
         was_training = self.net.training
+        batches = (
+            ctx.batches("train", epochs=self.adapt_epochs, steps=self.adapt_steps) if self.adapt_steps != 0 else ()
+        )
         with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=False):
             self.begin_adaptation(ctx)
             opt = torch.optim.SGD(
@@ -260,7 +255,7 @@ class LocalAdaptation(FedAvg):
             try:
                 self.net.train()
                 self.set_adaptation_modes()
-                for x, y in self._adapt_batches(ctx):
+                for x, y in batches:
                     opt.zero_grad(set_to_none=True)
                     self.adaptation_loss(x, y).backward()
                     opt.step()
@@ -412,9 +407,7 @@ class EWCAdaptation(LocalAdaptation):
                 " `fisher_data: train`."
             )
         x, y = ctx.public
-        for i, start in enumerate(range(0, len(y), ctx.batch_size)):
-            if self.fisher_batches is not None and i >= self.fisher_batches:
-                return
+        for start in range(0, len(y), ctx.batch_size)[: self.fisher_batches]:
             yield x[start : start + ctx.batch_size].to(ctx.device), y[start : start + ctx.batch_size].to(ctx.device)
 
     @override
@@ -508,6 +501,12 @@ class KDAdaptation(LocalAdaptation):
 
 
 # ---------------------------------------------------------------------- report
+def _records_summary(records: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """:func:`adaptation_summary` of per-client records ``{"before", "after"[, "local_only"]}``."""
+    columns = ({k: r[c] for k, r in records.items() if c in r} for c in ("before", "after", "local_only"))
+    return adaptation_summary(*columns)
+
+
 class AdaptationReport(Callback):
     """Logs what local adaptation gained: accuracy before, after and local-only, and the share improved.
 
@@ -541,14 +540,8 @@ class AdaptationReport(Callback):
         if trainer.sanity_checking:
             return
         records = self._records(trainer, pl_module, stage)
-        summary = adaptation_summary(
-            {k: r["before"] for k, r in records.items()},
-            {k: r["after"] for k, r in records.items()},
-            {k: r["local_only"] for k, r in records.items() if "local_only" in r},
-        )
-        metrics = {f"{stage}/adapt_{name}": value for name, value in summary.items()}
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_epoch=True, on_step=False, batch_size=1)
+        metrics = {f"{stage}/adapt_{name}": value for name, value in _records_summary(records).items()}
+        pl_module.log_dict(metrics, on_epoch=True, on_step=False, batch_size=1)
         history = getattr(pl_module, "history", None)
         if history and history[-1].get("stage") == stage:
             history[-1].update(metrics)
@@ -564,10 +557,9 @@ class AdaptationReport(Callback):
         self._log(trainer, pl_module, "test")
 
     def _print(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.print_table:
-            records = self._records(trainer, pl_module, stage)
-            if records:
-                rank_zero_info("\n" + format_adaptation_table(records, stage))
+        records = self._records(trainer, pl_module, stage) if self.print_table else {}
+        if records:
+            rank_zero_info("\n" + format_adaptation_table(records, stage))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -595,14 +587,9 @@ def format_adaptation_table(records: Mapping[int, Mapping[str, float]], stage: s
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
 
-    for k in sorted(records):
-        r = records[k]
+    for k, r in sorted(records.items()):
         rows.append(f"{k:<8d}{fmt(r['before'])}  {fmt(r['after'])}  {fmt(r.get('local_only'))}")
-    s = adaptation_summary(
-        {k: r["before"] for k, r in records.items()},
-        {k: r["after"] for k, r in records.items()},
-        {k: r["local_only"] for k, r in records.items() if "local_only" in r},
-    )
+    s = _records_summary(records)
     rows.append(f"{'mean':<8s}{fmt(s['acc_before'])}  {fmt(s['acc_after'])}  {fmt(s.get('acc_local_only'))}")
     improved = sum(r["after"] > r["before"] for r in records.values())
     line = f"{stage}: {improved}/{len(records)} clients improved by adaptation"

@@ -278,8 +278,7 @@ class FedMD(ClientModule):
     ``nets[architectures[k]]`` (or one drawn for it) with its own weights, kept in the client store.
     Local training (the federation's batches) is the *revisit*: cross-entropy on the private train
     split with the local optimizer (``lr``/``momentum`` SGD, or ``optimizer``, e.g. Adam 1e-3 as in
-    the paper). Transfer learning and digest use their own Adam optimizers, in float32 (autocast off);
-    the digest's Adam state persists per client across rounds by default, as in the authors' code.
+    the paper). Transfer learning and digest use their own Adam optimizers, in float32 (autocast off).
 
     Args:
         nets: the architectures; every one outputs ``private classes`` logits, or private + public
@@ -411,18 +410,14 @@ class FedMD(ClientModule):
         Without a context (the federation's output-size check at setup) every architecture runs, so a
         network with the wrong input or output size is caught before the first round.
         """
-        if self.context is None:
-            outs = [net(x) for net in self.nets]
-            sizes = [o.shape[-1] for o in outs]
-            if len(set(sizes)) != 1:
-                raise ValueError(
-                    f"the FedMD networks output {sizes} logits: give every architecture in `nets` the same"
-                    " `num_classes` (private classes, plus the public ones with `public_label_offset`)."
-                )
-            out = outs[0]
-        else:
-            out = self.scores(x)
-        return out if self.private_classes is None else out[..., : self.private_classes]
+        outs = [self.scores(x)] if self.context is not None else [net(x) for net in self.nets]
+        sizes = [o.shape[-1] for o in outs]
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                f"the FedMD networks output {sizes} logits: give every architecture in `nets` the same"
+                " `num_classes` (private classes, plus the public ones with `public_label_offset`)."
+            )
+        return outs[0] if self.private_classes is None else outs[0][..., : self.private_classes]
 
     # ------------------------------------------------------------------ setup
     @override
@@ -499,11 +494,8 @@ class FedMD(ClientModule):
         was_training = net.training
         net.eval()
         index = msg.tensors["index"].cpu()
-        chunks = []
         with torch.autocast(ctx.device.type, enabled=False):
-            for start in range(0, len(index), 1024):
-                x = x_pub[index[start : start + 1024]].to(ctx.device, non_blocking=True)
-                chunks.append(net(x).float())
+            chunks = [net(x_pub[idx].to(ctx.device, non_blocking=True)).float() for idx in index.split(1024)]
         net.train(was_training)
         logits = torch.cat(chunks)  # (|subset|, classes)
         return Message(
@@ -596,8 +588,6 @@ __all__ = [
     "FedMDServer",
     "consensus_logits",
     "digest_loss",
-    "load_named_optimizer_state",
-    "named_optimizer_state",
     "public_pool",
     "stratified_subset",
 ]
