@@ -67,8 +67,6 @@ def sub_state(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 class DittoNet(nn.Module):
     """The target network twice: ``global_model`` (w, trained for the server) and ``personal`` (v, kept).
 
-    Its forward is the personal model's.
-
     Args:
         net: the target network (becomes ``global_model``; ``personal`` is a deep copy, so both start equal).
     """
@@ -136,9 +134,8 @@ class Ditto(FedAvg):
         )
         personal_loss = cross_entropy(functional_call(net.personal, sub_state(params, "personal."), batch.x), batch)
         loss = global_loss + personal_loss
-        anchor = state.get("anchor")
-        if self.lam > 0 and anchor is not None:
-            loss = loss + proximal_term(params, anchor, self.lam).to(loss.dtype)
+        if self.lam > 0 and "anchor" in state:
+            loss = loss + proximal_term(params, state["anchor"], self.lam).to(loss.dtype)
         return {"loss": loss, "global_loss": global_loss.detach(), "personal_loss": personal_loss.detach()}
 
     @override
@@ -149,8 +146,7 @@ class Ditto(FedAvg):
     @override
     def upload(self, ctx: ClientContext) -> Message | None:
         """Send the locally trained global model w_k, under the target net's names."""
-        n = ctx.data.num_samples("train")
-        return Message("weights", float_state(self.net.global_model), n_samples=n)
+        return Message("weights", float_state(self.net.global_model), n_samples=ctx.data.num_samples("train"))
 
 
 __all__ = ["Ditto", "DittoNet", "sub_state"]

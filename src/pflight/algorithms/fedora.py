@@ -16,14 +16,11 @@ signature (edges to the existing clients only), starts from its ``theta_hat_new`
 with the same pull on its train split (unlabeled new clients: x-only signatures, no fine-tuning).
 
 Defaults are the official code's (``junwu6/FEDORA``): ``tau=10``, ``m=2``, ``alpha=0.8``, divisor 2,
-SGD lr 5e-3, momentum 0.9, weight decay 5e-5, 5 local epochs. The graph's settings are :class:`FedoraServer`'s
-(``model.server`` in a config); the client's ``new_client_labels`` tells the server how new clients sign.
+SGD lr 5e-3, momentum 0.9, weight decay 5e-5, 5 local epochs (the graph's settings are :class:`FedoraServer`'s).
 
-Deviation, partial participation (``absent``): the official loop always trains every client. Its server
-list holds, for a client that did not train this round, its last *propagated* ``theta_hat_j``, so a literal
-partial-participation run would mix that (``absent="propagated"``). pflight's default mixes the absent
-client's latest *personal* model (``absent="personal"``), so that ``theta_hat = P theta`` holds for the
-models the clients actually keep; both coincide when every client trains.
+Deviation, partial participation: a client absent from a round enters the mix with its latest *personal*
+model, not with its last *propagated* one as a literal reading of the official loop would have it (which always
+trains every client); :class:`FedoraServer`'s ``absent`` says why and offers both.
 """
 
 from __future__ import annotations
@@ -341,10 +338,10 @@ class FedoraServer(Server):
         if not uploads:
             return
         if self.absent == "personal":
-            self._propagate_changes(uploads)
-        else:
-            for k, message in uploads.items():
-                self.personal[k] = {name: t.detach().cpu().clone() for name, t in message.tensors.items()}
+            self._propagate_changes(uploads)  # before the personal models change: it reads the old ones
+        for k, message in uploads.items():
+            self.personal[k] = {name: t.detach().cpu().clone() for name, t in message.tensors.items()}
+        if self.absent == "propagated":
             sources = [self.personal[k] if k in uploads else self.received[k] for k in self.client_ids]
             mixed = propagate(self.propagation, sources)
             self.received = dict(zip(self.client_ids, mixed, strict=True))
@@ -363,8 +360,6 @@ class FedoraServer(Server):
         new = torch.stack([flatten_state(m.tensors, layout, torch.float64, cpu) for m in uploads.values()])
         self._theta_hat += self.propagation[:, rows].double() @ (new - self._theta[rows])  # (K, U) @ (U, numel)
         self._theta[rows] = new
-        for k, message in uploads.items():
-            self.personal[k] = {name: t.detach().cpu().clone() for name, t in message.tensors.items()}
         dtypes = {dtype for _, _, dtype in layout}
         mixed = self._theta_hat.to(dtypes.pop()) if len(dtypes) == 1 else self._theta_hat  # one cast, then views
         self.received = {k: unflatten_state(mixed[i], layout) for i, k in enumerate(self.client_ids)}

@@ -10,18 +10,16 @@ One server step serves one client (``Federation(clients_per_round=1)``; a "round
 
 pFedHN-PC (``PFedHN(private_prefixes=["head"])`` with ``PFedHNServer(lr=5e-2)``, the configs ``pfedhn/*_pc.yaml``)
 generates everything but the classifier head; each client keeps a private head with a persistent optimizer. As in the
-official code (one ``LocalLayer`` built per client), every client's head
-starts from its own default initialization, drawn from a generator seeded by (data seed, client), so runs
-are reproducible and independent of the global RNG (``private_init="shared"``: every head starts from the
-module's one initial head instead). Evaluation uses the generated weights as they are (plus the private head).
-A new client gets a fresh embedding (the mean of the training clients' embeddings), fitted with the
-same rule while phi stays frozen.
+official code (one ``LocalLayer`` built per client), every client's head starts from its own default initialization,
+drawn from a generator seeded by (data seed, client), so runs are reproducible and independent of the global RNG
+(``private_init="shared"``: every head starts from the module's one initial head instead). Evaluation uses the generated
+weights as they are (plus the private head). A new client gets a fresh embedding (the mean of the training clients'
+embeddings), fitted with the same rule while phi stays frozen.
 
 Defaults are the official code's (``AvivSham/pFedHN``): embedding dim ``int(1 + N / 4)``, trunk
 of 100 units with 3 hidden layers, one linear head per target tensor; 50 inner steps of SGD
 (lr 5e-3, momentum 0.9, wd 5e-5, clip 50); server SGD (lr 1e-2, 5e-2 for PC; momentum 0.9, wd 1e-3,
-clip 50). The hypernetwork's settings are :class:`PFedHNServer`'s (``model.server`` in a config); the client's
-``private_prefixes`` tell the server what not to generate.
+clip 50). The hypernetwork's settings are :class:`PFedHNServer`'s (``model.server`` in a config).
 """
 
 from __future__ import annotations
@@ -238,14 +236,12 @@ class PFedHNServer(Server):
         assert self.hypernetwork is not None
         if params is not None:
             groups: list[dict[str, Any]] = [{"params": list(params)}]
-            if self.embed_lr is not None:
-                groups[0]["lr"] = self.embed_lr
         else:
             embedding = self.hypernetwork.embeddings.weight
             rest = [p for p in self.hypernetwork.parameters() if p is not embedding]
             groups = [{"params": rest}, {"params": [embedding]}]
-            if self.embed_lr is not None:
-                groups[1]["lr"] = self.embed_lr
+        if self.embed_lr is not None:  # the embedding's group is the last
+            groups[-1]["lr"] = self.embed_lr
         if self.optimizer_factory is not None:
             return self.optimizer_factory(groups)
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
@@ -312,12 +308,16 @@ class PFedHNServer(Server):
                 delta = hypernetwork_delta(generated, message.tensors)
                 for acc, g in zip(total, hypernetwork_gradients(generated, delta, params), strict=True):
                     acc.add_(g, alpha=1.0 / len(uploads))
-        for p, g in zip(params, total, strict=True):
+        self._step(self.optimizer, params, total)
+
+    def _step(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """One server step of ``optimizer`` with gradients ``grads`` of ``params``, their norm clipped to grad_clip."""
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def fit_new_client(self, client_id: int) -> Message:
         """Fit a fresh embedding for new client ``client_id`` with phi frozen; return its generated weights.
@@ -325,10 +325,9 @@ class PFedHNServer(Server):
         Each step is a server step restricted to the embedding: the client runs its inner loop from
         ``h(v; phi)`` on its train split and returns ``theta~``; ``v`` moves along the VJP of the delta.
         """
-        hyper = self._ensure_device()
-        if self._info is None:
-            raise RuntimeError("`PFedHNServer` is used before `setup`: run it inside a `Federation`.")
+        hyper = self._ensure_device()  # raises before `setup`, which sets `_info` too
         info = self._info
+        assert info is not None
 
         def inner_loop(weights: dict[str, Tensor]) -> dict[str, Tensor]:
             def run(client: Any, ctx: ClientContext) -> dict[str, Tensor]:
@@ -349,12 +348,8 @@ class PFedHNServer(Server):
             for _ in range(self.new_client_steps):
                 generated = hyper.generate(embedding)
                 trained = inner_loop({n: t.detach() for n, t in generated.items()})
-                (grad,) = hypernetwork_gradients(generated, hypernetwork_delta(generated, trained), [embedding])
-                embedding.grad = grad
-                if self.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_([embedding], self.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grads = hypernetwork_gradients(generated, hypernetwork_delta(generated, trained), [embedding])
+                self._step(optimizer, [embedding], grads)
         self.new_embeddings[client_id] = embedding.detach().clone()
         with torch.no_grad(), torch.autocast(self._device.type, enabled=False):
             return Message("weights", {n: t.detach().clone() for n, t in hyper.generate(embedding).items()})
@@ -471,9 +466,8 @@ class PFedHN(ClientModule):
         """The modules that directly hold a private float tensor (parameter or buffer), in registration order."""
         owners = []
         for name, module in self.net.named_modules():
-            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            full = [f"{name}.{n}" if name else n for n, t in own if t.is_floating_point()]
-            if any(is_private(n, self.private_prefixes) for n in full):
+            own = [*module.named_parameters(name, recurse=False), *module.named_buffers(name, recurse=False)]
+            if any(t.is_floating_point() and is_private(n, self.private_prefixes) for n, t in own):
                 owners.append((name, module))
         return owners
 
@@ -494,8 +488,7 @@ class PFedHN(ClientModule):
             for name, module in self._private_owners():
                 twin = copy.deepcopy(module).cpu()
                 twin.reset_parameters()  # type: ignore[operator]
-                for local, t in [*twin.named_parameters(recurse=False), *twin.named_buffers(recurse=False)]:
-                    full = f"{name}.{local}" if name else local
+                for full, t in [*twin.named_parameters(name, recurse=False), *twin.named_buffers(name, recurse=False)]:
                     if full in initial:
                         fresh[full] = t.detach().to(initial[full].dtype)
         return fresh
@@ -538,10 +531,8 @@ class PFedHN(ClientModule):
     @override
     def local_optimizer_step(self, optimizer: Any) -> None:
         """Step (PC: the private head too); the clipping happens in :meth:`on_before_optimizer_step`."""
-        optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        for opt in optimizer if isinstance(optimizer, list) else [optimizer]:
+            super().local_optimizer_step(opt)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -569,11 +560,9 @@ class PFedHN(ClientModule):
     @override
     def upload(self, ctx: ClientContext) -> Message | None:
         """The trained generated tensors theta~_i (the server forms the delta)."""
-        own = self.net.state_dict()
-        trained = {k: own[k].detach().clone() for k in self.generated}
+        trained = {k: t for k, t in float_state(self.net).items() if k in self.generated}
         delta = sum(float((self.generated[k] - trained[k]).pow(2).sum()) for k in trained)
-        metrics = {"delta_norm": math.sqrt(delta)}
-        return Message("weights", trained, ctx.data.num_samples("train"), metrics)
+        return Message("weights", trained, ctx.data.num_samples("train"), {"delta_norm": math.sqrt(delta)})
 
     # ------------------------------------------------------------------ new clients
     def local_update(self, ctx: ClientContext, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -582,13 +571,11 @@ class PFedHN(ClientModule):
         Used by the server to fit a new client's embedding; a PC client's private head starts from
         its initial head (:meth:`private_initial_state`) and keeps training across the calls for the same client.
         """
-        if self.private_prefixes and (self._adapted is None or self._adapted[0] != ctx.client_id):
-            initial = self.private_initial_state(ctx.client_id, ctx.seed)
-            self._adapted = (ctx.client_id, initial)
-            load_float_state(self.net, initial)
-            self._adapted_optimizer = self._inner_optimizer(self._split_params()[1])
-        load_float_state(self.net, weights)
         shared, private = self._split_params()
+        if private and (self._adapted is None or self._adapted[0] != ctx.client_id):  # a new client's first call
+            load_float_state(self.net, self.private_initial_state(ctx.client_id, ctx.seed))
+            self._adapted_optimizer = self._inner_optimizer(private)
+        load_float_state(self.net, weights)
         optimizers = [self._inner_optimizer(shared)]
         if private and self._adapted_optimizer is not None:
             optimizers.append(self._adapted_optimizer)
@@ -604,8 +591,7 @@ class PFedHN(ClientModule):
         self.net.train(was_training)
         if private:
             self._adapted = (ctx.client_id, self._private_state())
-        own = self.net.state_dict()
-        return {k: own[k].detach().clone() for k in weights}
+        return {k: t for k, t in float_state(self.net).items() if k in weights}
 
 
 def _private_prefixes(client: Any, ctx: ClientContext) -> list[str]:
