@@ -98,15 +98,13 @@ class APFLNet(nn.Module):
         if self.mixing == "logits":
             v_logits = functional_call(self.personal, dict(v), x)
             return alpha * v_logits + (1 - alpha) * functional_call(self.global_model, dict(w), x)
-        names = [name for name, _ in self.personal.named_parameters()]
-        v_bar = interpolate({n: v[n] for n in names}, w, alpha)
+        v_bar = interpolate({n: v[n] for n, _ in self.personal.named_parameters()}, w, alpha)
         return functional_call(self.personal, {**v, **v_bar}, x)  # v's buffers, mixed parameters
 
     @override
     def forward(self, x: Tensor) -> Tensor:
         """The personalized model's logits."""
-        v = dict(self.personal.named_parameters())
-        w = dict(self.global_model.named_parameters())
+        v, w = dict(self.personal.named_parameters()), dict(self.global_model.named_parameters())
         return self.mixed(v, w, self.alpha, x)
 
 
@@ -114,8 +112,7 @@ class APFL(FedAvg):
     """APFL's client: local SGD on the global model, a personal model and an adaptive mixing weight alpha.
 
     The local optimizer (``lr`` = eta, ``momentum``, ``weight_decay`` or ``optimizer``) steps w, v and alpha
-    together, once per batch; with momentum each tensor keeps its own buffer. The server is FedAvg's
-    (:class:`~pflight.server.FedAvgServer`); ``FedAvgServer(weighted=False)`` is the paper's uniform mean.
+    together, once per batch, each tensor with its own momentum buffer; the server: see the module docstring.
 
     Args:
         net: the target network (the client's ``net`` becomes an :class:`APFLNet` around it).
@@ -209,8 +206,7 @@ class APFL(FedAvg):
     @override
     def upload(self, ctx: ClientContext) -> Message | None:
         """Send the locally trained global model w_k, under the target net's names."""
-        n = ctx.data.num_samples("train")
-        return Message("weights", float_state(self.net.global_model), n_samples=n)
+        return Message("weights", float_state(self.net.global_model), n_samples=ctx.data.num_samples("train"))
 
 
 __all__ = ["APFL", "APFLNet", "interpolate"]

@@ -26,10 +26,9 @@ config; :class:`PartialFedAvgServer` learns which tensors are shared from the cl
   Normalization"): BatchNorm weights, biases and running statistics stay local; everything else is averaged.
 
 Executors: FedPer, LG-FedAvg and FedBABU are trained vectorized (their step is the base class's cross-entropy;
-FedBABU puts the head back after each step with ``after_local_step``). FedRep is vectorized with plain SGD (no
-momentum, no weight decay, no other optimizer): its two phases are two batch slots of a step, one of them empty (see
-:class:`FedRep`), and a fixed part gets a zero gradient, which plain SGD turns into no step. FedBN's BatchNorm
-statistics keep it sequential (the vectorized executor refuses running statistics).
+FedBABU puts the head back after each step with ``after_local_step``). FedRep is vectorized with plain SGD only (no
+momentum, no weight decay, no other optimizer; why: :class:`FedRep`). FedBN's BatchNorm statistics keep it
+sequential (the vectorized executor refuses running statistics).
 
 Deviations, deliberate:
 
@@ -63,7 +62,7 @@ import torch  # noqa: F401  (used by the doctests)
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pflight.client import ClientContext, ClientModule, FineTune, cross_entropy, load_float_state
+from pflight.client import ClientContext, ClientModule, FineTune, cross_entropy, float_state, load_float_state
 from pflight.messages import Message
 from pflight.server import FedAvgServer, FederationInfo, Server
 from pflight.streams import Stream
@@ -140,7 +139,7 @@ def batchnorm_entries(net: nn.Module) -> list[str]:
     ['features.1.weight', 'features.1.bias', 'features.1.running_mean', 'features.1.running_var']
     """
     prefixes = [name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return split_by_prefix(float_entries(net), prefixes)[0] if prefixes else []
+    return split_by_prefix(float_entries(net), prefixes)[0]
 
 
 def freeze(params: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
@@ -254,8 +253,7 @@ class PartialSharing(ClientModule):
     def receive(self, message: Message | None, ctx: ClientContext) -> None:
         """Load the shared tensors of the server's message (a personal entry in it is ignored)."""
         if message is not None and message.kind == "weights":
-            shared = set(self.shared_names)
-            load_float_state(self.net, {n: t for n, t in message.tensors.items() if n in shared})
+            load_float_state(self.net, {n: t for n, t in message.tensors.items() if n in self.shared_names})
 
     @override
     def load_client_state(self, state: Mapping[str, Any] | None, ctx: ClientContext) -> None:
@@ -294,28 +292,23 @@ class HeadBodySharing(PartialSharing):
     def __init__(self, net: nn.Module, *, head_prefix: str | list[str] = "head", **kwargs: Any) -> None:
         super().__init__(net, **kwargs)
         self.head_prefix = head_prefix
-        self.head_names, self.body_names = head_and_body(type(self).__name__, net, head_prefix)
-        if self.shared_part == "body":
-            self.set_partition(shared=self.body_names, personal=self.head_names)
-        else:
-            self.set_partition(shared=self.head_names, personal=self.body_names)
+        head, body = head_and_body(type(self).__name__, net, head_prefix)
+        self.head_names, self.body_names = head, body
+        shared, personal = (body, head) if self.shared_part == "body" else (head, body)
+        self.set_partition(shared=shared, personal=personal)
 
 
 class FedPer(HeadBodySharing):
     """FedPer: the body (base layers) is shared and averaged, the head (personalization layers) stays on the client.
 
-    Both are trained jointly by local SGD on cross-entropy (:meth:`ClientModule.loss`); only the body is uploaded.
-    Arguments as :class:`HeadBodySharing`.
+    Both are trained jointly; arguments as :class:`HeadBodySharing` (its default ``shared_part`` is FedPer's).
     """
-
-    shared_part = "body"
 
 
 class LGFedAvg(HeadBodySharing):
     """LG-FedAvg: the body (local representation) stays on the client, the head (global model) is shared.
 
-    Both are trained jointly by local SGD on cross-entropy; only the head is uploaded and averaged. Arguments as
-    :class:`HeadBodySharing` (``head_prefix``: the shared, global layers).
+    Both are trained jointly; arguments as :class:`HeadBodySharing` (``head_prefix``: the shared, global layers).
     """
 
     shared_part = "head"
@@ -396,30 +389,26 @@ class FedRep(FedPer):
     def loss(self, params: Mapping[str, Tensor], batch: Any, state: Mapping[str, Any]) -> Tensor:
         """CE on the head batch with the body fixed, plus CE on the body batch with the head fixed."""
         head_batch, body_batch = batch
-        total: Tensor | None = None
-        for fixed, part in ((self.body_names, head_batch), (self.head_names, body_batch)):
-            if part.x.shape[0] == 0:  # the empty slot (sequential); vectorized it is padding of weight 0
-                continue
-            term = cross_entropy(self.net_forward(freeze(params, fixed), part.x), part)
-            total = term if total is None else total + term
-        assert total is not None, "a FedRep step has one non-empty batch"
-        return total
+        terms = [  # a step has one non-empty batch; the empty slot (sequential) is skipped, vectorized it is padding
+            cross_entropy(self.net_forward(freeze(params, fixed), part.x), part)
+            for fixed, part in ((self.body_names, head_batch), (self.head_names, body_batch))
+            if part.x.shape[0] > 0
+        ]
+        return sum(terms[1:], start=terms[0])
 
     @override
     def vectorized_reason(self) -> str | None:
         """Plain SGD only: a zero gradient must mean no step for the fixed part."""
         reason = super().vectorized_reason()
-        if reason is not None:
-            return reason
-        if self.optimizer_factory is not None or self.momentum != 0 or self.weight_decay != 0:
-            return (
+        if reason is None and (self.optimizer_factory is not None or self.momentum != 0 or self.weight_decay != 0):
+            reason = (
                 f"`FedRep(momentum={self.momentum}, weight_decay={self.weight_decay}"
                 f"{', optimizer=...' if self.optimizer_factory is not None else ''})`: vectorized, the part a phase"
                 " keeps fixed gets a zero gradient, which momentum, weight decay or an optimizer's state would still"
                 " turn into a step (client by client it gets none and stays); use momentum 0, weight_decay 0 and no"
                 " `optimizer` to train FedRep vectorized"
             )
-        return None
+        return reason
 
 
 class FedBN(PartialSharing):
@@ -438,8 +427,7 @@ class FedBN(PartialSharing):
                 f"`FedBN(net={type(net).__name__})` has no BatchNorm layer, and FedBN keeps exactly those local: use a"
                 " network with BatchNorm (e.g. `pflight.models.CNN(norm='batch')`), or `FedAvg` without one."
             )
-        names = set(local)
-        self.set_partition(shared=[n for n in float_entries(net) if n not in names], personal=local)
+        self.set_partition(shared=[n for n in float_entries(net) if n not in local], personal=local)
 
 
 class FedBABU(ClientModule):
@@ -485,11 +473,6 @@ class FedBABU(ClientModule):
         self.finetune_lr = finetune_lr
 
     @override
-    def configure_server(self) -> Server:
-        """FedAvg's server with its defaults: the body's mean (the head is never uploaded, so it stays theta_0's)."""
-        return FedAvgServer()
-
-    @override
     def after_local_step(
         self, params: Mapping[str, Tensor], before: Mapping[str, Tensor], state: Mapping[str, Any]
     ) -> Mapping[str, Tensor]:
@@ -499,9 +482,8 @@ class FedBABU(ClientModule):
     @override
     def upload(self, ctx: ClientContext) -> Message | None:
         """The body only (the head is the same on every client)."""
-        own = self.net.state_dict()
-        body = {n: own[n].detach().clone() for n in self.body_names}
-        return Message("weights", body, n_samples=ctx.data.num_samples("train"))
+        own = float_state(self.net)
+        return Message("weights", {n: own[n] for n in self.body_names}, n_samples=ctx.data.num_samples("train"))
 
     @override
     def personalization_plan(self, ctx: ClientContext) -> FineTune | None:

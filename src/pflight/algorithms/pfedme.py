@@ -232,8 +232,7 @@ class PFedMe(ClientModule):
         (buffers) are taken from ``params``. The result is detached from ``params``. Inner gradients come from
         ``torch.func.grad`` when ``functional`` (what ``vmap`` needs), else from ``torch.autograd`` (eager code).
         """
-        trainable = [n for n, p in self.net.named_parameters() if p.requires_grad]
-        w = {n: params[n].detach() for n in trainable}
+        w = {n: params[n].detach() for n, p in self.net.named_parameters() if p.requires_grad}
         const = {n: t.detach() for n, t in params.items() if n not in w}
 
         def f(theta: dict[str, Tensor]) -> Tensor:
@@ -252,19 +251,20 @@ class PFedMe(ClientModule):
         batch: Batch,
         start: Mapping[str, Tensor] | None = None,
         functional: bool = True,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The local objective at ``params`` on ``batch`` and the ``theta`` it solved for (:meth:`personal_model`).
+    ) -> dict[str, Any]:
+        """The local objective at ``params`` on ``batch``, ``theta`` solved from ``start`` (:meth:`personal_model`).
 
         The loss is the envelope estimate ``f(theta; batch) + (lam/2)||w - theta||^2`` with ``theta`` constant:
         its value is the Moreau envelope's on the batch, its gradient ``lam (w - theta)``. ``personal_loss`` is
-        ``f(theta; batch)``, logged.
+        ``f(theta; batch)``, logged; with ``warm_start``, ``state`` carries the solved ``theta`` to the next step.
         """
         theta = self.personal_model(params, batch, start, functional)
         const = {n: t.detach() for n, t in params.items() if n not in theta}
         with full_precision(batch.x.device.type):
             personal = cross_entropy(upcast(self.net_forward({**const, **theta}, batch.x)), batch).detach()
             loss = personal + proximal_term(params, theta, self.lam).to(personal.dtype)
-        return {"loss": loss, "personal_loss": personal}, theta
+        out = {"loss": loss, "personal_loss": personal}
+        return {**out, "state": {"theta": theta}} if self.warm_start else out
 
     @override
     def on_local_train_start(self, ctx: ClientContext) -> None:
@@ -276,25 +276,18 @@ class PFedMe(ClientModule):
 
     @override
     def loss(self, params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> dict[str, Any]:
-        """The envelope estimate (:meth:`moreau_step`) from ``state["theta"]``.
-
-        With ``warm_start`` the solved ``theta`` is carried to the next step (the ``state`` key).
-        """
-        out, theta = self.moreau_step(params, batch, state.get("theta"))
-        return {**out, "state": {"theta": theta}} if self.warm_start else out
+        """The envelope estimate (:meth:`moreau_step`) from ``state["theta"]``."""
+        return self.moreau_step(params, batch, state.get("theta"))
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """:meth:`loss` at the network's weights, with eager inner gradients (faster than ``torch.func`` eagerly)."""
-        out, theta = self.moreau_step(self.params(), as_batch(batch), self.round_state.get("theta"), functional=False)
-        return {**out, "state": {"theta": theta}} if self.warm_start else out
+        return self.moreau_step(self.params(), as_batch(batch), self.round_state.get("theta"), functional=False)
 
     @override
     def vectorized_reason(self) -> str | None:
         """Vectorized: its ``training_step`` is :meth:`loss` with eager inner gradients."""
-        if type(self).training_step is not PFedMe.training_step:
-            return super().vectorized_reason()
-        return None
+        return super().vectorized_reason() if type(self).training_step is not PFedMe.training_step else None
 
     # ------------------------------------------------------------------ evaluation
     @override
@@ -308,10 +301,9 @@ class PFedMe(ClientModule):
         """
         if self.eval_batches == 0:
             return None
-        if self.eval_batches is None:
-            steps, epochs = self.local_steps or 0, self.local_epochs
-        else:
-            steps, epochs = self.eval_batches, 0
+        steps, epochs = (
+            (self.local_steps or 0, self.local_epochs) if self.eval_batches is None else (self.eval_batches, 0)
+        )
         anchor = {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad}
         return FineTune(
             steps=steps, epochs=epochs, lr=self.personal_lr, repeat=self.personal_steps,
