@@ -11,6 +11,7 @@ FedAvg thing) until overridden.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -73,6 +74,24 @@ def load_float_state(module: nn.Module, state: Mapping[str, Tensor]) -> None:
                 " checkpoint was made for another architecture."
             )
         own[name].copy_(value)
+
+
+@contextmanager
+def training_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """``module.train(training)`` inside; on exit (also on an error) ``module.train`` with its mode on entry.
+
+    >>> net = nn.Linear(1, 1)
+    >>> with training_mode(net, False):
+    ...     inside = net.training
+    >>> inside, net.training
+    (False, True)
+    """
+    was_training = module.training
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class Batch(NamedTuple):
@@ -611,20 +630,18 @@ class ClientModule(pl.LightningModule):
         ctx = ctx if ctx is not None else self.context
         if ctx is None:
             raise RuntimeError(f"`{type(self).__name__}.evaluate({split!r})` needs the client's context: pass `ctx`.")
-        was_training = self.training
-        self.eval()
         correct, total, loss = 0, 0, 0.0
         x_all, y_all = ctx.data.split(split)
-        for start in range(0, len(y_all), 1024):
-            x = x_all[start : start + 1024].to(ctx.device, non_blocking=True)
-            y = y_all[start : start + 1024].to(ctx.device, non_blocking=True)
-            logits = self(x).float()
-            if self.eval_metrics is not None:
-                self.eval_metrics.update(logits, y)
-            correct += int((logits.argmax(-1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            total += len(y)
-        self.train(was_training)
+        with training_mode(self, False):
+            for start in range(0, len(y_all), 1024):
+                x = x_all[start : start + 1024].to(ctx.device, non_blocking=True)
+                y = y_all[start : start + 1024].to(ctx.device, non_blocking=True)
+                logits = self(x).float()
+                if self.eval_metrics is not None:
+                    self.eval_metrics.update(logits, y)
+                correct += int((logits.argmax(-1) == y).sum())
+                loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                total += len(y)
         return correct, total, loss
 
     def fine_tune(self, plan: FineTune, ctx: ClientContext) -> None:
@@ -657,9 +674,7 @@ class ClientModule(pl.LightningModule):
         buffers = [torch.zeros_like(p) for p in params] if plan.momentum != 0 else None
         state = dict(plan.state)
         objective = plan.objective(self.net)
-        was_training = self.net.training
-        self.net.train()
-        with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=False):
+        with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=False), training_mode(self.net, True):
             for step, (x, y) in enumerate(batch for batch in batches for _ in range(plan.repeat)):
                 before = float_state(self.net) if plan.after_step is not None else None
                 loss = objective(self.params(), Batch(x, y), state)
@@ -673,4 +688,3 @@ class ClientModule(pl.LightningModule):
                     if before is not None:
                         now = {n: t.detach() for n, t in self.params().items()}
                         load_float_state(self.net, plan.after_step(now, before, state))
-        self.net.train(was_training)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from pflight.client import training_mode
+
 if TYPE_CHECKING:
     from pflight.federation import Federation
 
@@ -63,16 +65,14 @@ def predict_clients(
     parts: list[PredictionTable] = []
     for k in client_ids:
         ctx = federation.personalize_client(k, round_idx, split)
-        was_training = client.training
-        client.eval()
         x_all, y_all = ctx.data.split(split)
         predictions, probabilities = [], []
-        for start in range(0, len(y_all), _EVAL_BATCH):
-            x = x_all[start : start + _EVAL_BATCH].to(ctx.device, non_blocking=True)
-            prediction, probability = predicted_class(client(x))
-            predictions.append(prediction.cpu())
-            probabilities.append(probability.cpu())
-        client.train(was_training)
+        with training_mode(client, False):
+            for start in range(0, len(y_all), _EVAL_BATCH):
+                x = x_all[start : start + _EVAL_BATCH].to(ctx.device, non_blocking=True)
+                prediction, probability = predicted_class(client(x))
+                predictions.append(prediction.cpu())
+                probabilities.append(probability.cpu())
         n = len(y_all)
         parts.append(
             {

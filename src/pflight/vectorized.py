@@ -69,6 +69,7 @@ from pflight.client import (
     float_state,
     load_float_state,
     state_tensors,
+    training_mode,
 )
 from pflight.data.datamodule import FederatedDataModule
 from pflight.fused_mlp import fused_sgd_step_, mlp_layers, sgd_update_
@@ -770,17 +771,15 @@ def evaluate_clients(
     forward = batched_forward(client.net)
     personal: dict[int, Counts] = {}
     last = len(client_ids) - 1
-    was_training = client.net.training
     for group in groups:
         ids = [client_ids[i] for i in group]
         ft = tunes[group[0]]
         run = Chunk.stack(federation, ids, [plans[i] for i in group], [starts[i] for i in group], names, {})
         if ft is not None and run.steps[0] > 0:
             stepper = _fine_tune_stepper(federation, run, [t for t in (tunes[i] for i in group) if t is not None])
-            client.net.train()
-            for t in range(run.steps[0]):
-                stepper.step(t, run.active(t))
-            client.net.train(was_training)
+            with training_mode(client.net, True):
+                for t in range(run.steps[0]):
+                    stepper.step(t, run.active(t))
         personal.update(zip(ids, _count(federation, ids, stage, lambda x: forward(run.state, x)), strict=True))  # noqa: B023
         if last in group:
             c = group.index(last)
@@ -844,24 +843,21 @@ def _count(
     replicas = [] if metrics is None else metrics.replicas(len(client_ids))
     for replica in replicas:
         replica.reset()
-    net = federation.client.net
-    was_training = net.training
-    net.eval()
-    for start in range(0, int(sizes.max()), 1024):  # evaluate's blocks of 1024 samples
-        pos = torch.arange(start, min(start + 1024, int(sizes.max())))
-        real = pos[None, :] < sizes[:, None]  # (C, B)
-        idx = torch.where(real, offsets[:, None] + pos[None, :], pool.pad)
-        x, y = pool.gather(idx, device)
-        logits = forward(x).float()  # (C, B, classes)
-        mask = real.to(device)
-        ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view(idx.shape)
-        correct += ((logits.argmax(-1) == y) & mask).sum(1).cpu()
-        loss += (ce * mask).sum(1).double().cpu()
-        if replicas:
-            for c, n in enumerate(real.sum(1).tolist()):  # a client's real samples in the block are a prefix
-                if n > 0:
-                    replicas[c].update(logits[c, :n], y[c, :n])
-    net.train(was_training)
+    with training_mode(federation.client.net, False):
+        for start in range(0, int(sizes.max()), 1024):  # evaluate's blocks of 1024 samples
+            pos = torch.arange(start, min(start + 1024, int(sizes.max())))
+            real = pos[None, :] < sizes[:, None]  # (C, B)
+            idx = torch.where(real, offsets[:, None] + pos[None, :], pool.pad)
+            x, y = pool.gather(idx, device)
+            logits = forward(x).float()  # (C, B, classes)
+            mask = real.to(device)
+            ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view(idx.shape)
+            correct += ((logits.argmax(-1) == y) & mask).sum(1).cpu()
+            loss += (ce * mask).sum(1).double().cpu()
+            if replicas:
+                for c, n in enumerate(real.sum(1).tolist()):  # a client's real samples in the block are a prefix
+                    if n > 0:
+                        replicas[c].update(logits[c, :n], y[c, :n])
     values = [r.finish(int(n)) for r, n in zip(replicas, sizes, strict=True)] if replicas else [{}] * len(client_ids)
     return [(int(c), int(n), float(v), d) for c, n, v, d in zip(correct, sizes, loss, values, strict=True)]
 

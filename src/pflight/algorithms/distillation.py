@@ -37,7 +37,7 @@ from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
 from pflight.algorithms.baselines import FedAvg
-from pflight.client import ClientContext, float_state, load_float_state
+from pflight.client import ClientContext, float_state, load_float_state, training_mode
 from pflight.messages import Message
 from pflight.streams import Stream, stream_seed
 
@@ -295,14 +295,12 @@ class LocalAdaptation(FedAvg):
         x, y = ctx.full(split)
         if len(y) == 0:
             return float("nan")
-        was_training = self.net.training
-        self.net.eval()
         device_state = {k: v.to(x.device) for k, v in state.items()}
         correct = 0
-        for start in range(0, len(y), 1024):
-            logits = functional_call(self.net, device_state, (x[start : start + 1024],))
-            correct += int((logits.argmax(-1) == y[start : start + 1024]).sum())
-        self.net.train(was_training)
+        with training_mode(self.net, False):
+            for start in range(0, len(y), 1024):
+                logits = functional_call(self.net, device_state, (x[start : start + 1024],))
+                correct += int((logits.argmax(-1) == y[start : start + 1024]).sum())
         return correct / len(y)
 
     @override
@@ -415,13 +413,11 @@ class EWCAdaptation(LocalAdaptation):
         """The diagonal empirical Fisher of the received global model on client ``ctx``'s data (eval mode)."""
         params = dict(self.net.named_parameters())
         grads, sizes = [], []
-        was_training = self.net.training
-        self.net.eval()
-        for x, y in self._fisher_batches(ctx):
-            g = torch.autograd.grad(F.cross_entropy(self.net(x).float(), y), list(params.values()))
-            grads.append(dict(zip(params, g, strict=True)))
-            sizes.append(len(y))
-        self.net.train(was_training)
+        with training_mode(self.net, False):
+            for x, y in self._fisher_batches(ctx):
+                g = torch.autograd.grad(F.cross_entropy(self.net(x).float(), y), list(params.values()))
+                grads.append(dict(zip(params, g, strict=True)))
+                sizes.append(len(y))
         if not grads:
             raise ValueError(
                 f"`EWCAdaptation(fisher_data={self.fisher_data!r})`: client {ctx.client_id} has no data to compute"
@@ -485,12 +481,8 @@ class KDAdaptation(LocalAdaptation):
     @torch.no_grad()
     def teacher_logits(self, x: Tensor) -> Tensor:
         """theta*'s logits: eval mode, on copies of its tensors, without gradient."""
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with training_mode(self.net, False):
             return functional_call(self.net, self._anchor, (x,))
-        finally:
-            self.net.train(was_training)
 
     @override
     def adaptation_loss(self, x: Tensor, y: Tensor) -> Tensor:

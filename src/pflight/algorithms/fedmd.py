@@ -52,7 +52,7 @@ from typing_extensions import override
 
 from pflight.algorithms.distillation import kd_loss
 from pflight.algorithms.ditto import sub_state
-from pflight.client import ClientContext, ClientModule, float_state, load_float_state
+from pflight.client import ClientContext, ClientModule, float_state, load_float_state, training_mode
 from pflight.data.datasets import DataSource
 from pflight.messages import Message
 from pflight.server import (
@@ -491,12 +491,9 @@ class FedMD(ClientModule):
             raise ValueError("FedMD clients need the FedMD server's message: use `FedMDServer` (the default).")
         x_pub, _ = self.public(ctx)
         net = self.nets[self.active]
-        was_training = net.training
-        net.eval()
         index = msg.tensors["index"].cpu()
-        with torch.autocast(ctx.device.type, enabled=False):
+        with torch.autocast(ctx.device.type, enabled=False), training_mode(net, False):
             chunks = [net(x_pub[idx].to(ctx.device, non_blocking=True)).float() for idx in index.split(1024)]
-        net.train(was_training)
         logits = torch.cat(chunks)  # (|subset|, classes)
         return Message(
             "logits",

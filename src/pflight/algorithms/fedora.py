@@ -35,7 +35,7 @@ from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
-from pflight.client import ClientContext, ClientModule, FineTune, float_state, load_float_state
+from pflight.client import ClientContext, ClientModule, FineTune, float_state, load_float_state, training_mode
 from pflight.messages import Message
 from pflight.server import FederationInfo, Server, flatten_state, state_layout, unflatten_state
 from pflight.streams import Stream
@@ -496,12 +496,9 @@ class Fedora(ClientModule):
                 "FEDORA's selective regularization compares validation losses, but client"
                 f" {ctx.client_id} has an empty `{split}` split: set `--data.val_fraction` > 0."
             )
-        was_training = self.training
-        self.eval()
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), training_mode(self, False):
             personal = float(F.cross_entropy(self.net(x).float(), y))
             received = float(F.cross_entropy(functional_call(self.net, self.received, (x,)).float(), y))
-        self.train(was_training)
         return personal, received
 
     @override

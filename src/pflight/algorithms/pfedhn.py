@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 from typing_extensions import override
 
-from pflight.client import ClientContext, ClientModule, OptimizerCallable, float_state, load_float_state
+from pflight.client import ClientContext, ClientModule, OptimizerCallable, float_state, load_float_state, training_mode
 from pflight.messages import Message
 from pflight.server import (
     FederationInfo,
@@ -579,16 +579,14 @@ class PFedHN(ClientModule):
         optimizers = [self._inner_optimizer(shared)]
         if private and self._adapted_optimizer is not None:
             optimizers.append(self._adapted_optimizer)
-        was_training = self.net.training
-        self.net.train()
-        with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=False):  # float32 adaptation
+        # float32 adaptation in train mode
+        with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=False), training_mode(self.net, True):
             for x, y in ctx.batches("train", steps=self.local_steps):
                 loss = F.cross_entropy(self.net(x).float(), y)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.local_optimizer_step(optimizers)
-        self.net.train(was_training)
         if private:
             self._adapted = (ctx.client_id, self._private_state())
         return {k: t for k, t in float_state(self.net).items() if k in weights}
