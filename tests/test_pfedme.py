@@ -160,7 +160,7 @@ def test_personalization_plan_is_the_inner_solve_over_minibatches(eval_batches: 
     theta = None
     batches = fed.context(k, 0, "val", Stream.EVAL).batches("train", steps=eval_batches or 3)
     for x, y in batches:
-        theta = client.personal_model(w, Batch(x, y), theta, functional=False)
+        theta = client.personal_model(w, Batch(x, y), theta)
     fed.personalize_client(k, 0, "val")
     assert theta is not None
     assert not torch.allclose(theta["head.weight"], w["head.weight"])

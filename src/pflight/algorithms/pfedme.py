@@ -20,10 +20,10 @@ The local step goes through the contract: :meth:`PFedMe.loss` computes ``theta``
 (``torch.func.grad``, float32, a constant of the outer step as in the paper) and returns the envelope estimate
 ``f(theta; batch) + (lambda / 2) ||w - theta||^2``, whose gradient in ``w`` is exactly ``lambda (w - theta)``; the
 local optimizer (plain SGD of ``lr`` = the paper's eta by default) makes it line 8 of Algorithm 1. The vectorized
-executor vmaps that ``loss``. The sequential executor runs :meth:`PFedMe.training_step`, the same math with
-``torch.autograd`` inner gradients (about 2x faster than ``torch.func.grad`` in eager mode on small networks).
-With the warm start both return the solved ``theta`` under the ``state`` key, which the executors carry in
-``round_state`` to the next step (stacked per client in the vectorized executor).
+executor vmaps that ``loss``; run eagerly (the sequential executor) its inner gradients come from ``torch.autograd``
+instead (about 2x faster than ``torch.func.grad`` in eager mode on small networks). With the warm start it returns
+the solved ``theta`` under the ``state`` key, which the executors carry in ``round_state`` to the next step
+(stacked per client in the vectorized executor).
 
 Evaluation ("pFedMe (PM)", the paper's personalized model): every client, seen or new, solves its own inner
 problem anchored at the current global model on its train split (``eval_batches`` minibatches, K steps each,
@@ -63,8 +63,8 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pflight.algorithms.meta_functional import full_precision, gradient, upcast
-from pflight.client import Batch, ClientContext, ClientModule, FineTune, as_batch, cross_entropy, proximal_term
+from pflight.algorithms.meta_functional import full_precision, gradient, transforms_active, upcast
+from pflight.client import Batch, ClientContext, ClientModule, FineTune, cross_entropy, proximal_term
 from pflight.server import FedAvgServer, Server
 
 
@@ -220,17 +220,13 @@ class PFedMe(ClientModule):
 
     # ------------------------------------------------------------------ the local objective
     def personal_model(
-        self,
-        params: Mapping[str, Tensor],
-        batch: Batch,
-        start: Mapping[str, Tensor] | None = None,
-        functional: bool = True,
+        self, params: Mapping[str, Tensor], batch: Batch, start: Mapping[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """``theta``: the inner solve on ``batch`` anchored at the weights ``params``, from ``start`` (None: them).
 
         Only the network's trainable parameters are personalized (float32, autocast off); other float entries
         (buffers) are taken from ``params``. The result is detached from ``params``. Inner gradients come from
-        ``torch.func.grad`` when ``functional`` (what ``vmap`` needs), else from ``torch.autograd`` (eager code).
+        ``torch.func.grad`` under a ``torch.func`` transform (what ``vmap`` needs), else from ``torch.autograd``.
         """
         w = {n: params[n].detach() for n, p in self.net.named_parameters() if p.requires_grad}
         const = {n: t.detach() for n, t in params.items() if n not in w}
@@ -238,7 +234,7 @@ class PFedMe(ClientModule):
         def f(theta: dict[str, Tensor]) -> Tensor:
             return cross_entropy(upcast(self.net_forward({**const, **theta}, batch.x)), batch)
 
-        grad_fn = torch.func.grad(f) if functional else partial(autograd_grad, f)
+        grad_fn = torch.func.grad(f) if transforms_active(params.values()) else partial(autograd_grad, f)
         with full_precision(batch.x.device.type):
             return moreau_inner_solve(
                 grad_fn, w if start is None else start, w, self.lam, self.personal_lr, self.personal_steps,
@@ -246,11 +242,7 @@ class PFedMe(ClientModule):
             )  # fmt: skip
 
     def moreau_step(
-        self,
-        params: Mapping[str, Tensor],
-        batch: Batch,
-        start: Mapping[str, Tensor] | None = None,
-        functional: bool = True,
+        self, params: Mapping[str, Tensor], batch: Batch, start: Mapping[str, Tensor] | None = None
     ) -> dict[str, Any]:
         """The local objective at ``params`` on ``batch``, ``theta`` solved from ``start`` (:meth:`personal_model`).
 
@@ -258,7 +250,7 @@ class PFedMe(ClientModule):
         its value is the Moreau envelope's on the batch, its gradient ``lam (w - theta)``. ``personal_loss`` is
         ``f(theta; batch)``, logged; with ``warm_start``, ``state`` carries the solved ``theta`` to the next step.
         """
-        theta = self.personal_model(params, batch, start, functional)
+        theta = self.personal_model(params, batch, start)
         const = {n: t.detach() for n, t in params.items() if n not in theta}
         with full_precision(batch.x.device.type):
             personal = cross_entropy(upcast(self.net_forward({**const, **theta}, batch.x)), batch).detach()
@@ -278,16 +270,6 @@ class PFedMe(ClientModule):
     def loss(self, params: Mapping[str, Tensor], batch: Batch, state: Mapping[str, Any]) -> dict[str, Any]:
         """The envelope estimate (:meth:`moreau_step`) from ``state["theta"]``."""
         return self.moreau_step(params, batch, state.get("theta"))
-
-    @override
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        """:meth:`loss` at the network's weights, with eager inner gradients (faster than ``torch.func`` eagerly)."""
-        return self.moreau_step(self.params(), as_batch(batch), self.round_state.get("theta"), functional=False)
-
-    @override
-    def vectorized_reason(self) -> str | None:
-        """Vectorized: its ``training_step`` is :meth:`loss` with eager inner gradients."""
-        return super().vectorized_reason() if type(self).training_step is not PFedMe.training_step else None
 
     # ------------------------------------------------------------------ evaluation
     @override
