@@ -483,11 +483,13 @@ class ClientModule(pl.LightningModule):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The local optimizer over the network's parameters (fresh state each round)."""
+        return self.local_optimizer(self.net.parameters())
+
+    def local_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
+        """A local optimizer over ``params``: ``optimizer``, or SGD with ``lr``, ``momentum`` and ``weight_decay``."""
         if self.optimizer_factory is not None:
-            return self.optimizer_factory(self.net.parameters())
-        return torch.optim.SGD(
-            self.net.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+            return self.optimizer_factory(params)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     # ------------------------------------------------------------------ round hooks
     def receive(self, message: Message | None, ctx: ClientContext) -> None:

@@ -144,10 +144,7 @@ class APFL(FedAvg):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The local optimizer over w, v and (when adaptive) alpha: the network's trainable parameters."""
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if self.optimizer_factory is not None:
-            return self.optimizer_factory(params)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return self.local_optimizer([p for p in self.net.parameters() if p.requires_grad])
 
     @override
     def capture_initial_state(self) -> None:

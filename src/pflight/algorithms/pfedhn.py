@@ -445,19 +445,14 @@ class PFedHN(ClientModule):
             (private if is_private(name, self.private_prefixes) else shared).append(p)
         return shared, private
 
-    def _inner_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if self.optimizer_factory is not None:
-            return self.optimizer_factory(params)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-
     @override
     def configure_optimizers(self) -> Any:
         """The inner optimizer (fresh state each server step), plus the private head's (persistent) one."""
         shared, private = self._split_params()
         if not private:
-            return self._inner_optimizer(shared)
-        self._private_optimizer = self._inner_optimizer(private)
-        return [self._inner_optimizer(shared), self._private_optimizer]
+            return self.local_optimizer(shared)
+        self._private_optimizer = self.local_optimizer(private)
+        return [self.local_optimizer(shared), self._private_optimizer]
 
     def _private_state(self) -> dict[str, Tensor]:
         return {k: v for k, v in float_state(self.net).items() if is_private(k, self.private_prefixes)}
@@ -574,9 +569,9 @@ class PFedHN(ClientModule):
         shared, private = self._split_params()
         if private and (self._adapted is None or self._adapted[0] != ctx.client_id):  # a new client's first call
             load_float_state(self.net, self.private_initial_state(ctx.client_id, ctx.seed))
-            self._adapted_optimizer = self._inner_optimizer(private)
+            self._adapted_optimizer = self.local_optimizer(private)
         load_float_state(self.net, weights)
-        optimizers = [self._inner_optimizer(shared)]
+        optimizers = [self.local_optimizer(shared)]
         if private and self._adapted_optimizer is not None:
             optimizers.append(self._adapted_optimizer)
         # float32 adaptation in train mode
