@@ -159,25 +159,12 @@ class Reptile(FedAvgFT):
 
     Args:
         persist_optimizer_state: keep each client's local optimizer state between its rounds.
-        finetune_steps: SGD steps at evaluation.
-        finetune_epochs: passes over the train split at evaluation (used when ``finetune_steps`` is 0).
-        finetune_lr: fine-tuning learning rate (None: ``lr``).
-        **kwargs: other arguments: as :class:`~pflight.client.ClientModule`.
+        **kwargs: other arguments: as :class:`~pflight.algorithms.FedAvgFT` (``finetune_steps``, ``finetune_epochs``,
+            ``finetune_lr``) and :class:`~pflight.client.ClientModule`.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        *,
-        persist_optimizer_state: bool = False,
-        finetune_steps: int = 10,
-        finetune_epochs: int = 0,
-        finetune_lr: float | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            net, finetune_steps=finetune_steps, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, **kwargs
-        )
+    def __init__(self, net: nn.Module, *, persist_optimizer_state: bool = False, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
         self.persist_optimizer_state = persist_optimizer_state
         self._saved_optimizer: dict[str, Any] | None = None  # to restore at this round's first step
         self._used_optimizer: torch.optim.Optimizer | None = None
