@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
-from pflight.client import ClientContext, ClientLogs, ClientModule, float_state, load_float_state, reduce_over_clients
+from pflight.client import (
+    ClientContext,
+    ClientLogs,
+    ClientModule,
+    float_state,
+    load_float_state,
+    reduce_over_clients,
+    training_mode,
+)
 from pflight.collectives import gather_messages
 from pflight.data.datamodule import FederatedDataModule
 from pflight.messages import Message
@@ -434,9 +442,7 @@ class Federation(pl.LightningModule):
 
     def _check_output_size(self, dm: FederatedDataModule) -> None:
         x = dm.clients[dm.train_clients[0]].train[0][:2]  # read, not kept
-        was_training = self.client.training
-        self.client.eval()
-        with torch.no_grad():
+        with torch.no_grad(), training_mode(self.client, False):
             try:
                 out = self.client(x)
             except RuntimeError as err:
@@ -445,7 +451,6 @@ class Federation(pl.LightningModule):
                     f" shape {tuple(dm.input_shape)}: set the model's `input_shape` to {list(dm.input_shape)}."
                     f" Original error: {err}"
                 ) from err
-        self.client.train(was_training)
         if out.dim() != 2 or out.shape[-1] != dm.num_classes:
             raise ValueError(
                 f"the model `{type(self.client.net).__name__}` outputs {out.shape[-1]} logits but the data set"

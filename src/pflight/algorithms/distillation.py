@@ -241,7 +241,6 @@ class LocalAdaptation(FedAvg):
         trainable = self.adapted_parameters()
         ids = {id(p) for p in trainable}
         frozen = [p for p in self.net.parameters() if id(p) not in ids and p.requires_grad]
-        was_training = self.net.training
         batches = (
             ctx.batches("train", epochs=self.adapt_epochs, steps=self.adapt_steps) if self.adapt_steps != 0 else ()
         )
@@ -253,17 +252,16 @@ class LocalAdaptation(FedAvg):
             for p in frozen:
                 p.requires_grad_(False)
             try:
-                self.net.train()
-                self.set_adaptation_modes()
-                for x, y in batches:
-                    opt.zero_grad(set_to_none=True)
-                    self.adaptation_loss(x, y).backward()
-                    opt.step()
+                with training_mode(self.net, True):
+                    self.set_adaptation_modes()
+                    for x, y in batches:
+                        opt.zero_grad(set_to_none=True)
+                        self.adaptation_loss(x, y).backward()
+                        opt.step()
             finally:
                 for p in frozen:
                     p.requires_grad_(True)
                 self.net.zero_grad(set_to_none=True)
-                self.net.train(was_training)
             if self.local_only_epochs > 0 and ctx.client_id not in self._local_only:
                 self._local_only[ctx.client_id] = self._train_local_only(ctx)
 

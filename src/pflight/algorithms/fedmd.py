@@ -568,10 +568,8 @@ class FedMD(ClientModule):
     def personalize(self, ctx: ClientContext) -> None:
         """A client without a stored model (new, or never sampled) first runs transfer learning."""
         if self._fresh:
-            was_training = self.training
-            with torch.autocast(ctx.device.type, enabled=False):
+            with torch.autocast(ctx.device.type, enabled=False), training_mode(self, self.training):  # mode kept
                 self.transfer_learning(ctx)
-            self.train(was_training)
 
 
 def _public_labels(client: Any, ctx: ClientContext) -> Tensor | None:
